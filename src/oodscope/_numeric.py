@@ -1,0 +1,46 @@
+"""Small numerically careful helpers shared by detectors (float64 where it matters)."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp as _logsumexp
+
+__all__ = ["softmax", "log_softmax", "logsumexp", "l2_normalize", "shrunk_covariance_inverse"]
+
+
+def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return _logsumexp(np.asarray(x, dtype=np.float64), axis=axis)
+
+
+def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - _logsumexp(x, axis=axis, keepdims=True)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    return np.exp(log_softmax(x, axis=axis))
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
+    """Divide by the L2 norm; zero rows stay zero instead of becoming NaN."""
+    x = np.asarray(x)
+    norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    return x / np.maximum(norm, eps)
+
+
+def shrunk_covariance_inverse(cov: np.ndarray, shrinkage: float = 1e-3) -> np.ndarray:
+    """Inverse of ``(1-s)·cov + s·(tr(cov)/d)·I``: a ridge relative to the covariance's scale.
+
+    A fixed tiny ridge (e.g. 1e-6) is meaningless for features of scale 1e-4 or 1e4 and made
+    another library's Mahalanobis score at chance; scaling by the mean eigenvalue keeps the
+    conditioning the same whatever the units. Rank-deficient or constant features stay finite.
+    """
+    cov = np.asarray(cov, dtype=np.float64)
+    d = cov.shape[0]
+    scale = np.trace(cov) / d
+    if not np.isfinite(scale):
+        raise ValueError("Covariance has non-finite entries; check the features for NaN/inf.")
+    if scale <= 0:  # all features constant: any direction is as (un)likely as any other
+        scale = 1.0
+    reg = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(d)
+    return np.linalg.pinv(reg, hermitian=True)

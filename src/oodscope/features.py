@@ -1,0 +1,350 @@
+"""The `Features` container: what a network produced for a set of inputs.
+
+Running the network is the expensive part of OOD detection, so oodscope runs it once and
+keeps everything detectors need in a `Features` object: logits, penultimate features,
+labels, the last linear layer (so activation-shaping detectors can recompute logits from
+cached features), and optional named extra arrays (other layers, learned temperatures,
+raw inputs for the few detectors that must re-run the network, image embeddings, ...).
+
+Per-sample arrays all have the same first dimension N. Model-level arrays (the head) do not.
+Persistence is a plain `.npz` file plus a JSON string for metadata; nothing is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["Features", "FIELDS"]
+
+#: Names a detector may list in ``requires``. Anything else names an entry of ``extras``.
+FIELDS = ("logits", "features", "labels", "head", "model")
+
+_PER_SAMPLE = ("logits", "features", "labels")
+_FORMAT_VERSION = 1
+
+
+def _as_float_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "fiu":
+        raise ValueError(f"`{name}` must be numeric, got dtype {arr.dtype}.")
+    if arr.dtype.kind != "f":
+        arr = arr.astype(np.float32)
+    if arr.ndim != ndim:
+        raise ValueError(f"`{name}` must be {ndim}-D, got shape {arr.shape}.")
+    return arr
+
+
+@dataclass
+class Features:
+    """Per-sample network outputs plus the classifier head.
+
+    Parameters
+    ----------
+    logits : (N, C) array, optional
+    features : (N, D) array, optional
+        Penultimate-layer activations (input of the last linear layer).
+    labels : (N,) integer array, optional
+        Class labels in ``[0, C)``; ``-1`` marks an unknown label (e.g. OOD samples).
+    head_weight : (C, D) array, optional
+        Weight of the last linear layer, ``logits = features @ head_weight.T + head_bias``.
+    head_bias : (C,) array, optional
+    extras : dict of str -> array, optional
+        Extra per-sample arrays with first dimension N (other layers, inputs, ...).
+    meta : dict, optional
+        JSON-serialisable metadata (model and data fingerprints, class names, ...).
+    """
+
+    logits: np.ndarray | None = None
+    features: np.ndarray | None = None
+    labels: np.ndarray | None = None
+    head_weight: np.ndarray | None = None
+    head_bias: np.ndarray | None = None
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.logits is not None:
+            self.logits = _as_float_array("logits", self.logits, 2)
+        if self.features is not None:
+            self.features = _as_float_array("features", self.features, 2)
+        if self.labels is not None:
+            labels = np.asarray(self.labels)
+            if labels.ndim != 1:
+                raise ValueError(f"`labels` must be 1-D, got shape {labels.shape}.")
+            if labels.size and labels.dtype.kind not in "iu":
+                if labels.dtype.kind == "f" and np.all(np.isfinite(labels)) and np.all(
+                    labels == np.round(labels)
+                ):
+                    labels = labels.astype(np.int64)
+                else:
+                    raise ValueError(
+                        f"`labels` must be integers (class indices), got dtype {labels.dtype}."
+                    )
+            self.labels = labels.astype(np.int64)
+        if self.head_weight is not None:
+            self.head_weight = _as_float_array("head_weight", self.head_weight, 2)
+        if self.head_bias is not None:
+            self.head_bias = _as_float_array("head_bias", self.head_bias, 1)
+        self.extras = {str(k): np.asarray(v) for k, v in dict(self.extras).items()}
+        self.meta = dict(self.meta)
+        self.validate()
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> "Features":
+        """Check that shapes agree; raise ``ValueError`` naming the offending field."""
+        n = None
+        for name, arr in self._per_sample_items():
+            if n is None:
+                n = arr.shape[0]
+            elif arr.shape[0] != n:
+                raise ValueError(
+                    f"All per-sample arrays must have the same length; `{name}` has "
+                    f"{arr.shape[0]} rows but an earlier field has {n}."
+                )
+        if self.logits is not None and self.head_weight is not None:
+            if self.head_weight.shape[0] != self.logits.shape[1]:
+                raise ValueError(
+                    f"head_weight has {self.head_weight.shape[0]} rows but logits have "
+                    f"{self.logits.shape[1]} classes."
+                )
+        if self.features is not None and self.head_weight is not None:
+            if self.head_weight.shape[1] != self.features.shape[1]:
+                raise ValueError(
+                    f"head_weight has {self.head_weight.shape[1]} columns but features are "
+                    f"{self.features.shape[1]}-dimensional."
+                )
+        if self.head_bias is not None:
+            if self.head_weight is None:
+                raise ValueError("head_bias given without head_weight.")
+            if self.head_bias.shape[0] != self.head_weight.shape[0]:
+                raise ValueError(
+                    f"head_bias has {self.head_bias.shape[0]} entries but head_weight has "
+                    f"{self.head_weight.shape[0]} rows."
+                )
+        return self
+
+    def _per_sample_items(self) -> Iterable[tuple[str, np.ndarray]]:
+        for name in _PER_SAMPLE:
+            arr = getattr(self, name)
+            if arr is not None:
+                yield name, arr
+        for name, arr in self.extras.items():
+            if arr.ndim == 0:
+                raise ValueError(f"extra `{name}` must have a first (sample) dimension.")
+            yield name, arr
+
+    def has(self, name: str) -> bool:
+        """Whether the field ``name`` (a `FIELDS` entry or an extra) is present."""
+        if name == "head":
+            return self.head_weight is not None
+        if name == "model":
+            return False  # the model never travels inside Features
+        if name in _PER_SAMPLE:
+            return getattr(self, name) is not None
+        return name in self.extras
+
+    def require(self, names: Iterable[str], who: str = "this detector") -> "Features":
+        """Raise a ``ValueError`` listing every missing field in ``names``."""
+        missing = sorted(n for n in names if n != "model" and not self.has(n))
+        if missing:
+            present = sorted(n for n in (*_PER_SAMPLE, "head", *self.extras) if self.has(n))
+            raise ValueError(
+                f"{who} needs {missing} but the Features only have {present}. "
+                "Extract them with oodscope.extract(...) (pass a head or penultimate layer "
+                "name if the model has no `forward_features`), or build Features(...) with "
+                "those fields."
+            )
+        return self
+
+    # --------------------------------------------------------------- container
+    def __len__(self) -> int:
+        for _, arr in self._per_sample_items():
+            return int(arr.shape[0])
+        return 0
+
+    @property
+    def num_classes(self) -> int | None:
+        if self.logits is not None:
+            return int(self.logits.shape[1])
+        if self.head_weight is not None:
+            return int(self.head_weight.shape[0])
+        n = self.meta.get("num_classes")
+        return int(n) if n is not None else None
+
+    def __getitem__(self, index: Any) -> "Features":
+        """Select samples with an int, slice, boolean mask or index array."""
+        if isinstance(index, (int, np.integer)):
+            index = [int(index)]
+
+        def take(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[index]
+
+        return Features(
+            logits=take(self.logits),
+            features=take(self.features),
+            labels=take(self.labels),
+            head_weight=self.head_weight,
+            head_bias=self.head_bias,
+            extras={k: v[index] for k, v in self.extras.items()},
+            meta=dict(self.meta),
+        )
+
+    def replace(self, **changes: Any) -> "Features":
+        """A copy with some fields replaced (arrays are shared, not copied)."""
+        kwargs = dict(
+            logits=self.logits,
+            features=self.features,
+            labels=self.labels,
+            head_weight=self.head_weight,
+            head_bias=self.head_bias,
+            extras=dict(self.extras),
+            meta=dict(self.meta),
+        )
+        kwargs.update(changes)
+        return Features(**kwargs)
+
+    @staticmethod
+    def concat(parts: Sequence["Features"]) -> "Features":
+        """Concatenate along samples; all parts must carry the same fields and head."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Features.concat needs at least one Features object.")
+        first = parts[0]
+        for p in parts[1:]:
+            if (first.head_weight is None) != (p.head_weight is None) or (
+                first.head_weight is not None and not np.array_equal(first.head_weight, p.head_weight)
+            ):
+                raise ValueError("Cannot concatenate Features from different classifier heads.")
+            if set(p.extras) != set(first.extras):
+                raise ValueError(
+                    f"Cannot concatenate Features with different extras: "
+                    f"{sorted(first.extras)} vs {sorted(p.extras)}."
+                )
+
+        def cat(name: str) -> np.ndarray | None:
+            arrays = [getattr(p, name) for p in parts]
+            if all(a is None for a in arrays):
+                return None
+            if any(a is None for a in arrays):
+                raise ValueError(f"Cannot concatenate: `{name}` is missing in some parts.")
+            return np.concatenate(arrays, axis=0)
+
+        return Features(
+            logits=cat("logits"),
+            features=cat("features"),
+            labels=cat("labels"),
+            head_weight=first.head_weight,
+            head_bias=first.head_bias,
+            extras={k: np.concatenate([p.extras[k] for p in parts]) for k in first.extras},
+            meta=dict(first.meta),
+        )
+
+    def logits_from_features(self, features: np.ndarray | None = None) -> np.ndarray:
+        """Recompute logits with the cached head: ``features @ W.T + b``."""
+        self.require(["head"], "logits_from_features")
+        feats = self.features if features is None else features
+        if feats is None:
+            raise ValueError("No features to apply the head to.")
+        out = np.asarray(feats, dtype=np.float32) @ self.head_weight.T
+        if self.head_bias is not None:
+            out = out + self.head_bias
+        return out
+
+    # ------------------------------------------------------------- persistence
+    def _arrays(self) -> dict[str, np.ndarray]:
+        arrays: dict[str, np.ndarray] = {}
+        for name in ("logits", "features", "labels", "head_weight", "head_bias"):
+            value = getattr(self, name)
+            if value is not None:
+                arrays[name] = value
+        for k, v in self.extras.items():
+            if v.dtype == object:
+                raise ValueError(f"extra `{k}` has dtype object, which cannot be saved without pickle.")
+            arrays[f"extra::{k}"] = v
+        return arrays
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path``: an ``.npz`` file, or a directory of ``.npy`` files + ``meta.json``
+        when ``path`` has no ``.npz`` suffix (memory-mappable, for large feature banks).
+        Nothing is pickled."""
+        path = Path(path)
+        arrays = self._arrays()
+        header = {"format": "oodscope.Features", "version": _FORMAT_VERSION, "meta": self.meta}
+        if path.suffix != ".npz":
+            path.mkdir(parents=True, exist_ok=True)
+            for k, v in arrays.items():
+                np.save(path / (k.replace("::", "__") + ".npy"), v, allow_pickle=False)
+            (path / "meta.json").write_text(json.dumps(header))
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays["__meta__"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, mmap: bool = False) -> "Features":
+        """Read a file written by `save` (``allow_pickle=False``)."""
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"No Features file at {path}.")
+        if path.is_dir():
+            return cls._load_dir(path, mmap)
+        try:
+            data = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+        except Exception as exc:  # zipfile / format errors
+            raise ValueError(f"{path} is not a readable Features .npz file: {exc}") from exc
+        with data:
+            if "__meta__" not in data.files:
+                raise ValueError(f"{path} was not written by Features.save (no metadata).")
+            header = json.loads(bytes(data["__meta__"]).decode("utf-8"))
+            if header.get("format") != "oodscope.Features":
+                raise ValueError(f"{path} is not an oodscope Features file.")
+            fields = {k: data[k] for k in ("logits", "features", "labels", "head_weight", "head_bias") if k in data.files}
+            extras = {k[len("extra::"):]: data[k] for k in data.files if k.startswith("extra::")}
+        return cls(**fields, extras=extras, meta=header.get("meta", {}))
+
+    @classmethod
+    def _load_dir(cls, path: Path, mmap: bool) -> "Features":
+        meta_file = path / "meta.json"
+        if not meta_file.exists():
+            raise ValueError(f"{path} is not a Features directory (no meta.json).")
+        header = json.loads(meta_file.read_text())
+        fields: dict[str, Any] = {}
+        extras: dict[str, np.ndarray] = {}
+        for f in sorted(path.glob("*.npy")):
+            arr = np.load(f, allow_pickle=False, mmap_mode="r" if mmap else None)
+            if f.stem.startswith("extra__"):
+                extras[f.stem[len("extra__"):]] = arr
+            else:
+                fields[f.stem] = arr
+        return cls(**fields, extras=extras, meta=header.get("meta", {}))
+
+    def summary(self) -> str:
+        parts = [f"n={len(self)}"]
+        for name, arr in self._per_sample_items():
+            parts.append(f"{name}={tuple(arr.shape)}")
+        if self.head_weight is not None:
+            parts.append(f"head={tuple(self.head_weight.shape)}")
+        return "Features(" + ", ".join(parts) + ")"
+
+    def __repr__(self) -> str:  # dataclass repr would print whole arrays
+        return self.summary()
+
+
+def as_features(x: Any) -> Features:
+    """Accept a `Features` or a mapping of its fields."""
+    if isinstance(x, Features):
+        return x
+    if isinstance(x, Mapping):
+        return Features(**x)
+    raise TypeError(
+        f"Expected oodscope.Features (or a dict of its fields), got {type(x).__name__}. "
+        "Use oodscope.extract(model, data) or Features(logits=..., features=...)."
+    )
