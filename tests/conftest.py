@@ -17,6 +17,14 @@ import pytest
 
 from oodscope import Features
 
+# Tests use small tensors; one torch thread avoids oversubscription on small CI machines.
+try:  # pragma: no cover - torch is a core dependency
+    import torch
+
+    torch.set_num_threads(1)
+except ImportError:  # pragma: no cover
+    pass
+
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 if "OODSCOPE_DATA" not in os.environ and SHARED_DATA.exists():
     os.environ["OODSCOPE_DATA"] = str(SHARED_DATA)

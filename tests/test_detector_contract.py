@@ -33,6 +33,9 @@ def test_unknown_hyperparameter_is_rejected():
 @pytest.mark.parametrize("name", NAMES)
 def test_sign_far_ood(name, problem):
     """AUROC >= 0.95 on far-away OOD: fails if the score's sign is flipped."""
+    reason = getattr(get_detector_class(name), "sign_test_exempt", None)
+    if reason:
+        pytest.skip(f"{name}: {reason} (its own test file checks its sign)")
     det = make_detector(name, problem).fit(problem.train)
     s_id, s_ood = det.score(problem.test_id), det.score(problem.test_ood)
     assert s_id.shape == (len(problem.test_id),) and s_ood.shape == (len(problem.test_ood),)

@@ -8,13 +8,19 @@ from scipy.special import logsumexp as _logsumexp
 __all__ = ["softmax", "log_softmax", "logsumexp", "l2_normalize", "shrunk_covariance_inverse"]
 
 
-def logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    return _logsumexp(np.asarray(x, dtype=np.float64), axis=axis)
+def logsumexp(x: np.ndarray, axis: int = -1, keepdims: bool = False) -> np.ndarray:
+    """``log(sum(exp(x)))`` along ``axis`` in float64, shifted by the max (no overflow)."""
+    x = np.asarray(x, dtype=np.float64)
+    m = np.max(x, axis=axis, keepdims=True)
+    if not np.all(np.isfinite(m)):  # -inf rows etc.: let scipy handle the edge cases
+        return _logsumexp(x, axis=axis, keepdims=keepdims)
+    out = m + np.log(np.sum(np.exp(x - m), axis=axis, keepdims=True))
+    return out if keepdims else np.squeeze(out, axis=axis)
 
 
 def log_softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
-    return x - _logsumexp(x, axis=axis, keepdims=True)
+    return x - logsumexp(x, axis=axis, keepdims=True)
 
 
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:

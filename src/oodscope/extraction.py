@@ -218,6 +218,12 @@ def extract(
     head_name, head_mod = find_head(model, head)
 
     cache_path = None
+    if cache_dir is not None and cache_key is None and isinstance(data, Iterator):
+        raise ValueError(
+            "extract with cache_dir hashes the data before running the model, which would use "
+            "up a one-shot iterator (a generator). Pass cache_key='<name of this data>' or a "
+            "re-iterable source (array, list of batches, DataLoader)."
+        )
     if cache_dir is not None:
         key_parts = {
             "model": model_fingerprint(model),
@@ -250,15 +256,19 @@ def extract(
     elif head_mod is not None:
         hooks.append(head_mod.register_forward_pre_hook(
             lambda m, i: captured.__setitem__("features", i[0])))
+    if penultimate is not None and head_mod is not None:
+        # the head travels with the features only if they really are its input
+        hooks.append(head_mod.register_forward_pre_hook(
+            lambda m, i: captured.__setitem__("head_input", i[0])))
+    features_are_head_input = True
     for name in layers:
         hooks.append(modules[name].register_forward_hook(
             lambda m, i, o, _n=name: captured.__setitem__(f"layer:{_n}", o)))
 
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
     if device is None:
-        try:
-            device = str(next(model.parameters()).device)
-        except StopIteration:
-            device = "cpu"
+        device = str(param.device) if param is not None else "cpu"
+    input_dtype = param.dtype if param is not None else torch.float32
     was_training = model.training
     model.eval()
     sink = _Sink(Path(out_dir) if out_dir is not None else None, chunk_size)
@@ -271,8 +281,8 @@ def extract(
         with torch.no_grad():
             for x, y in _batches(data, batch_size):
                 xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-                if xt.dtype == torch.float64:
-                    xt = xt.float()
+                if xt.is_floating_point() and xt.dtype != input_dtype:
+                    xt = xt.to(input_dtype)  # float64 arrays into a float32 model, or the reverse
                 xt = xt.to(device)
                 captured.clear()
                 if use_forward_features:
@@ -282,6 +292,10 @@ def extract(
                 else:
                     out = model(xt)
                 batch = _split_output(out)
+                if "head_input" in captured and features_are_head_input:
+                    pen, hin = captured["features"], captured["head_input"]
+                    features_are_head_input = pen.numel() == hin.numel() and torch.equal(
+                        pen.reshape(hin.shape), hin)
                 if "features" in captured:
                     batch["features"] = captured["features"]
                 for k, v in captured.items():
@@ -315,7 +329,9 @@ def extract(
     if head_mod is not None:
         hw = head_mod.weight.detach().float().cpu().numpy()
         hb = head_mod.bias.detach().float().cpu().numpy() if head_mod.bias is not None else None
-        if "features" in arrays and arrays["features"].shape[1] != hw.shape[1]:
+        if not features_are_head_input or (
+            "features" in arrays and arrays["features"].shape[1] != hw.shape[1]
+        ):
             hw = hb = None  # a named penultimate layer that is not the head's input
     meta = {"model": type(model).__name__, "head": head_name, "penultimate": penultimate}
     feats = Features(

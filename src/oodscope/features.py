@@ -25,6 +25,7 @@ __all__ = ["Features", "FIELDS"]
 FIELDS = ("logits", "features", "labels", "head", "model")
 
 _PER_SAMPLE = ("logits", "features", "labels")
+_SAVED_FIELDS = ("logits", "features", "labels", "head_weight", "head_bias")
 _FORMAT_VERSION = 1
 
 
@@ -85,7 +86,7 @@ class Features:
                     raise ValueError(
                         f"`labels` must be integers (class indices), got dtype {labels.dtype}."
                     )
-            self.labels = labels.astype(np.int64)
+            self.labels = labels.astype(np.int64, copy=False)  # keep memmapped labels mapped
         if self.head_weight is not None:
             self.head_weight = _as_float_array("head_weight", self.head_weight, 2)
         if self.head_bias is not None:
@@ -216,9 +217,7 @@ class Features:
             raise ValueError("Features.concat needs at least one Features object.")
         first = parts[0]
         for p in parts[1:]:
-            if (first.head_weight is None) != (p.head_weight is None) or (
-                first.head_weight is not None and not np.array_equal(first.head_weight, p.head_weight)
-            ):
+            if not (_same_array(first.head_weight, p.head_weight) and _same_array(first.head_bias, p.head_bias)):
                 raise ValueError("Cannot concatenate Features from different classifier heads.")
             if set(p.extras) != set(first.extras):
                 raise ValueError(
@@ -277,6 +276,11 @@ class Features:
         header = {"format": "oodscope.Features", "version": _FORMAT_VERSION, "meta": self.meta}
         if path.suffix != ".npz":
             path.mkdir(parents=True, exist_ok=True)
+            # a field saved here earlier but absent now must not come back on load
+            keep = {k.replace("::", "__") + ".npy" for k in arrays}
+            for old in path.glob("*.npy"):
+                if old.name not in keep and (old.stem in _SAVED_FIELDS or old.stem.startswith("extra__")):
+                    old.unlink()
             for k, v in arrays.items():
                 np.save(path / (k.replace("::", "__") + ".npy"), v, allow_pickle=False)
             (path / "meta.json").write_text(json.dumps(header))
@@ -336,6 +340,12 @@ class Features:
 
     def __repr__(self) -> str:  # dataclass repr would print whole arrays
         return self.summary()
+
+
+def _same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return a is b or np.array_equal(a, b)
 
 
 def as_features(x: Any) -> Features:

@@ -48,9 +48,14 @@ class FeatureSet:
         return out
 
     def fields(self) -> set[str]:
-        """Fields available on every split (what detectors may require)."""
-        names = {"logits", "features", "labels", "head", *self.train.extras}
-        avail = {n for n in names if self.train.has(n) and self.test_id.has(n)}
+        """Fields available for scoring (on the test ID split), what detectors may require.
+
+        Fit-only needs (e.g. labels, or extras a detector reads only in ``fit``) are checked
+        against ``train`` when the detector is fitted, so large extras such as CLIP patch
+        tokens need not be stored for the training split when no detector fits on them.
+        """
+        names = {"logits", "features", "labels", "head", *self.test_id.extras, *self.train.extras}
+        avail = {n for n in names if self.test_id.has(n) or (n == "labels" and self.train.has(n))}
         if any("model" in kw for kw in self.detector_kwargs.values()):
             avail.add("model")
         return avail
@@ -81,7 +86,12 @@ def register_benchmark(
     return bd
 
 
-_PROVIDER_MODULES = ("oodscope.bench.vision", "oodscope.text.benchmark", "oodscope.vlm.benchmark")
+_PROVIDER_MODULES = (
+    "oodscope.bench.vision",
+    "oodscope.bench.classsplit",
+    "oodscope.text.benchmark",
+    "oodscope.vlm.benchmark",
+)
 
 
 def _load_providers() -> None:

@@ -2,11 +2,58 @@
 
 from __future__ import annotations
 
-import numpy as np
+import numbers
+from typing import Any, ClassVar
 
-from .._numeric import logsumexp, softmax
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import logsumexp as _lse
+
+from .._numeric import log_softmax, logsumexp, softmax
 from ..features import Features
 from .base import Detector, register
+
+#: Rows per block when a computation materialises an (n, C) or (n, K) float64 array.
+_CHUNK_ELEMENTS = 1 << 22
+
+
+def _check_positive(owner: object, name: str, value: object) -> None:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not np.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"{type(owner).__name__}: {name} must be a finite number > 0, got {value!r}."
+        )
+
+
+def _row_blocks(n: int, width: int):
+    step = max(1, _CHUNK_ELEMENTS // max(width, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _msp(logits: np.ndarray, temperature: float) -> np.ndarray:
+    out = np.empty(len(logits))
+    for rows in _row_blocks(len(logits), logits.shape[1]):
+        z = np.asarray(logits[rows], dtype=np.float64) / temperature
+        # max softmax = exp(max − logsumexp), without forming the whole softmax
+        out[rows] = np.exp(z.max(axis=1) - logsumexp(z, axis=1))
+    return out
+
+
+def _one_minus_softmax(p: np.ndarray) -> np.ndarray:
+    """``1 − p`` without cancellation: for the (at most one) class with ``p > 1/2`` it is the
+    sum of the other probabilities, exact even when ``p`` rounds to 1."""
+    q = 1.0 - p
+    top = p.argmax(axis=1)
+    rows = np.arange(len(p))
+    others = p.copy()
+    others[rows, top] = 0.0
+    q[rows, top] = others.sum(axis=1)
+    return q
 
 
 @register("msp")
@@ -14,17 +61,31 @@ class MSP(Detector):
     """Maximum softmax probability (Hendrycks & Gimpel, ICLR 2017)."""
 
     requires = frozenset({"logits"})
-    reference = "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and OOD Examples, ICLR 2017"
+    reference = (
+        "Hendrycks & Gimpel, A Baseline for Detecting Misclassified and OOD Examples, ICLR 2017"
+    )
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        _check_positive(self, "temperature", self.temperature)
 
     def _score(self, x: Features) -> np.ndarray:
-        return softmax(x.logits / self.temperature, axis=1).max(axis=1)
+        return _msp(x.logits, self.temperature)
+
+
+@register("maxlogit", "mls")
+class MaxLogit(Detector):
+    """Maximum logit score, ``max_c f_c(x)`` (Hendrycks et al., ICML 2022)."""
+
+    requires = frozenset({"logits"})
+    reference = (
+        "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
+    )
+
+    def _score(self, x: Features) -> np.ndarray:
+        return np.asarray(x.logits, dtype=np.float64).max(axis=1)
 
 
 @register("energy")
@@ -32,15 +93,178 @@ class Energy(Detector):
     """Negative free energy ``T·logsumexp(f/T)`` (Liu et al., NeurIPS 2020)."""
 
     requires = frozenset({"logits"})
-    search_space = {"temperature": [0.5, 1.0, 2.0, 5.0]}
+    search_space: ClassVar[dict[str, list[Any]]] = {"temperature": [0.5, 1.0, 2.0, 5.0]}
     reference = "Liu et al., Energy-based Out-of-distribution Detection, NeurIPS 2020"
 
     def __init__(self, temperature: float = 1.0):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        if not self.temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        _check_positive(self, "temperature", self.temperature)
 
     def _score(self, x: Features) -> np.ndarray:
-        return self.temperature * logsumexp(x.logits / self.temperature, axis=1)
+        logits, t = x.logits, self.temperature
+        out = np.empty(len(logits))
+        for rows in _row_blocks(len(logits), logits.shape[1]):
+            out[rows] = t * logsumexp(np.asarray(logits[rows], dtype=np.float64) / t, axis=1)
+        return out
+
+
+@register("entropy")
+class Entropy(Detector):
+    """Negative Shannon entropy of the softmax, ``Σ_c p_c log p_c`` (0 for a one-hot prediction).
+
+    The predictive-entropy baseline used throughout the uncertainty literature (e.g. as the
+    "softmax entropy" baseline of Lakshminarayanan et al., NeurIPS 2017).
+    """
+
+    requires = frozenset({"logits"})
+    reference = (
+        "Shannon entropy of the softmax; e.g. Lakshminarayanan et al., Deep Ensembles, NeurIPS 2017"
+    )
+
+    def _score(self, x: Features) -> np.ndarray:
+        logits = x.logits
+        out = np.empty(len(logits))
+        for rows in _row_blocks(len(logits), logits.shape[1]):
+            logp = log_softmax(logits[rows], axis=1)
+            out[rows] = np.sum(np.exp(logp) * logp, axis=1)
+        return out
+
+
+@register("gen")
+class GEN(Detector):
+    """Generalized ENtropy (Liu, Lochman & Zach, CVPR 2023).
+
+    ``G_γ(p) = Σ_{j ≤ M} p_(j)^γ (1 − p_(j))^γ`` over the ``M`` largest softmax probabilities;
+    the score is ``−G_γ``. ``γ = 1`` with ``M = C`` gives the Gini impurity ``1 − Σ p²``; as
+    ``γ → 0``, ``(G_γ − M)/γ → Σ log(p_j (1 − p_j))``. ``top_m`` larger than the number of
+    classes means all classes.
+    """
+
+    requires = frozenset({"logits"})
+    search_space: ClassVar[dict[str, list[Any]]] = {
+        "gamma": [0.01, 0.05, 0.1, 0.5, 1.0],
+        "top_m": [5, 10, 50, 100],
+    }
+    reference = (
+        "Liu, Lochman & Zach, GEN: Pushing the Limits of Softmax-Based OOD Detection, CVPR 2023"
+    )
+
+    def __init__(self, gamma: float = 0.1, top_m: int = 100):
+        self.gamma = gamma
+        self.top_m = top_m
+
+    def _check_params(self) -> None:
+        _check_positive(self, "gamma", self.gamma)
+        if (
+            isinstance(self.top_m, bool)
+            or not isinstance(self.top_m, numbers.Integral)
+            or self.top_m < 1
+        ):
+            raise ValueError(f"GEN: top_m must be an integer >= 1, got {self.top_m!r}.")
+
+    def _score(self, x: Features) -> np.ndarray:
+        logits = x.logits
+        c = logits.shape[1]
+        m = min(int(self.top_m), c)
+        out = np.empty(len(logits))
+        for rows in _row_blocks(len(logits), c):
+            p = softmax(logits[rows], axis=1)
+            q = _one_minus_softmax(p)
+            if m < c:  # order inside the top M does not matter for a sum
+                top = np.argpartition(p, c - m, axis=1)[:, c - m :]
+                p = np.take_along_axis(p, top, axis=1)
+                q = np.take_along_axis(q, top, axis=1)
+            out[rows] = -np.sum(p**self.gamma * q**self.gamma, axis=1)
+        return out
+
+
+@register("klm", "kl_matching")
+class KLMatching(Detector):
+    """KL matching (Hendrycks et al., ICML 2022).
+
+    ``fit`` averages the softmax of the ID samples predicted as each class into a template
+    ``d_c``; the score is ``−min_c KL(p(x) ‖ d_c)`` over classes that were predicted at least
+    once. Templates are averaged in log space (log-mean-exp of log-softmax) so they never
+    underflow to zero, which keeps every KL finite.
+    """
+
+    requires = frozenset({"logits"})
+    fit_fields = frozenset({"logits"})
+    reference = (
+        "Hendrycks et al., Scaling Out-of-Distribution Detection for Real-World Settings, ICML 2022"
+    )
+
+    def _fit(self, train: Features) -> None:
+        logits = train.logits
+        pred = np.asarray(logits).argmax(axis=1)
+        order = np.argsort(pred, kind="stable")
+        classes, starts = np.unique(pred[order], return_index=True)
+        templates = np.empty((len(classes), logits.shape[1]))
+        for i, group in enumerate(np.split(order, starts[1:])):
+            logp = log_softmax(logits[group], axis=1)
+            templates[i] = _lse(logp, axis=0) - np.log(len(group))
+        self.template_classes_ = classes
+        self.log_templates_ = templates
+
+    def _score(self, x: Features) -> np.ndarray:
+        logits = x.logits
+        out = np.empty(len(logits))
+        for rows in _row_blocks(len(logits), max(logits.shape[1], len(self.log_templates_))):
+            logp = log_softmax(logits[rows], axis=1)
+            p = np.exp(logp)
+            # KL(p ‖ d_c) = Σ p log p − Σ p log d_c
+            kl = np.sum(p * logp, axis=1, keepdims=True) - p @ self.log_templates_.T
+            out[rows] = -kl.min(axis=1)
+        return out
+
+
+@register("tempscale", "temperature_scaling")
+class TemperatureScaling(Detector):
+    """MSP after temperature scaling (Guo et al., ICML 2017).
+
+    ``fit`` picks the temperature ``T`` minimising the mean negative log-likelihood of the ID
+    training labels under ``softmax(f/T)`` with a bounded 1-D search over ``log T`` in
+    ``[log t_min, log t_max]`` (float64); the score is the maximum softmax probability at ``T``.
+    """
+
+    requires = frozenset({"logits"})
+    fit_fields = frozenset({"logits", "labels"})
+    reference = "Guo et al., On Calibration of Modern Neural Networks, ICML 2017"
+
+    def __init__(self, t_min: float = 0.01, t_max: float = 100.0):
+        self.t_min = t_min
+        self.t_max = t_max
+
+    def _check_params(self) -> None:
+        _check_positive(self, "t_min", self.t_min)
+        _check_positive(self, "t_max", self.t_max)
+        if not self.t_min < self.t_max:
+            raise ValueError(
+                f"TemperatureScaling: need t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}."
+            )
+
+    def _fit(self, train: Features) -> None:
+        logits = train.logits
+        true_logit = np.asarray(logits[np.arange(len(logits)), train.labels], dtype=np.float64)
+
+        def nll(log_t: float) -> float:
+            inv_t = np.exp(-log_t)
+            total = 0.0
+            for rows in _row_blocks(len(logits), logits.shape[1]):
+                z = np.asarray(logits[rows], dtype=np.float64)
+                total += np.sum(logsumexp(z * inv_t, axis=1) - true_logit[rows] * inv_t)
+            return total / len(logits)
+
+        res = minimize_scalar(
+            nll,
+            bounds=(np.log(self.t_min), np.log(self.t_max)),
+            method="bounded",
+            options={"xatol": 1e-5},
+        )
+        self.temperature_ = float(np.exp(res.x))
+        self.nll_ = float(res.fun)
+
+    def _score(self, x: Features) -> np.ndarray:
+        return _msp(x.logits, self.temperature_)

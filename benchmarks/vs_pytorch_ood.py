@@ -1,0 +1,400 @@
+"""oodscope vs pytorch-ood 0.4.0: fit/score time and score agreement on identical features.
+
+    python benchmarks/vs_pytorch_ood.py                     # 50,000 x 512 train, 20,000 test
+    python benchmarks/vs_pytorch_ood.py --n-train 5000 --n-test 2000 --only knn,vim
+
+Both libraries get the same synthetic problem: 10 Gaussian classes of post-ReLU-like
+512-d features (train 50,000, test 20,000: half ID, half shifted OOD), a fixed seed, and
+logits from a random linear head (a random matrix plus a component along the class means,
+so the classifier is accurate enough for SHE and KL-Matching, which use its predictions).
+
+pytorch-ood runs in its own virtual environment (``--venv``, default /work/ptood-venv,
+created on first use) as a subprocess; arrays and scores travel as ``.npy`` files in a
+temporary directory, so neither library is imported into the other's process.
+
+* The venv is created with ``pip install pytorch-ood==0.4.0 --no-deps``. Its dependencies
+  (torch, numpy, scipy, typing_extensions, scikit-learn for its KNN) are taken from the
+  oodscope environment through a ``.pth`` file instead of being downloaded again: PyPI only
+  has the multi-GB CUDA build of torch 2.13, and reusing the very same torch/BLAS build makes
+  the timing comparison fair. ``--ptood-python`` points at any other interpreter that
+  already has pytorch-ood.
+* pytorch-ood imports torchvision at import time (datasets, transforms, model zoo), but none
+  of the detectors compared here use it. When torchvision is not importable, the worker
+  installs an import stub that makes every ``torchvision.*`` module resolve to empty
+  placeholders (classes that can be subclassed, functions that raise if called). The stub
+  lives only inside the worker subprocess; torchvision is never installed anywhere.
+
+For every detector both libraries have, the table shows fit and score seconds for each
+library, the speed ratio (pytorch-ood total / oodscope total, > 1 means oodscope is faster)
+and the Spearman correlation between the two libraries' scores after aligning signs
+(pytorch-ood returns higher = more OOD, oodscope higher = more ID).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+PTOOD_VERSION = "0.4.0"
+DEFAULT_VENV = Path(os.environ.get("PTOOD_VENV", "/work/ptood-venv"))
+
+# display name -> (oodscope detector, its params, target ratio, note)
+# The hyperparameters are matched one to one (pytorch-ood fractions vs oodscope percents).
+VIM_DIM = 128
+WARMUP_TRAIN, WARMUP_TEST = 2000, 500
+COMPARED = {
+    "MSP": ("msp", {}, 1.0),
+    "Energy": ("energy", {}, 1.0),
+    "MaxLogit": ("maxlogit", {}, 1.0),
+    "Entropy": ("entropy", {}, 1.0),
+    "GEN": ("gen", {"gamma": 0.1, "top_m": 100}, 1.0),
+    "ReAct": ("react", {"percentile": 90}, 1.0),
+    "ASH-S": ("ash_s", {"percentile": 90}, 1.0),
+    "DICE": ("dice", {"sparsity": 90}, 1.0),
+    "SCALE": ("scale", {"percentile": 85}, 1.0),
+    "Mahalanobis": ("mahalanobis", {}, 5.0),
+    "RMD": ("rmds", {}, 1.0),
+    "KNN(k=50)": ("knn", {"k": 50}, 10.0),
+    "ViM": ("vim", {"dim": VIM_DIM}, 2.0),
+    "SHE": ("she", {}, 1.0),
+    "NNGuide": ("nnguide", {"k": 10}, 1.0),
+    "fDBD": ("fdbd", {}, 1.0),
+    "KL-Matching": ("klm", {}, 1.0),
+}
+
+
+# ----------------------------------------------------------------------------- data
+def make_problem(n_train: int, n_test: int, dim: int, classes: int, seed: int) -> dict[str, np.ndarray]:
+    """Post-ReLU Gaussian class clusters; test = half ID, half OOD (other means, wider)."""
+    rng = np.random.default_rng(seed)
+    means = np.abs(rng.standard_normal((classes, dim))) * (rng.random((classes, dim)) < 0.3) * 3.0
+
+    def sample(n, centres, noise):
+        y = rng.integers(0, len(centres), n)
+        x = centres[y] + noise * rng.standard_normal((n, dim))
+        return np.maximum(x, 0.0).astype(np.float32), y
+
+    x_tr, y_tr = sample(n_train, means, 1.0)
+    n_id = n_test // 2
+    x_id, y_id = sample(n_id, means, 1.0)
+    ood_means = np.abs(rng.standard_normal((classes, dim))) * (rng.random((classes, dim)) < 0.3) * 2.0
+    x_ood, _ = sample(n_test - n_id, ood_means, 1.5)
+    w = rng.standard_normal((classes, dim)) / np.sqrt(dim)
+    w += 0.2 * means / np.linalg.norm(means, axis=1, keepdims=True)
+    b = 0.1 * rng.standard_normal(classes)
+    x_te = np.concatenate([x_id, x_ood])
+    return {
+        "train_features": x_tr,
+        "train_labels": y_tr.astype(np.int64),
+        "train_logits": (x_tr @ w.T.astype(np.float32) + b.astype(np.float32)).astype(np.float32),
+        "test_features": x_te,
+        "test_logits": (x_te @ w.T.astype(np.float32) + b.astype(np.float32)).astype(np.float32),
+        "test_is_id": np.r_[np.ones(n_id, bool), np.zeros(n_test - n_id, bool)],
+        "head_weight": w.astype(np.float32),
+        "head_bias": b.astype(np.float32),
+    }
+
+
+# ----------------------------------------------------------------------------- environment
+def ensure_ptood_venv(venv: Path) -> Path:
+    """Create the pytorch-ood venv on first use; return its python."""
+    python = venv / "bin" / "python"
+    probe = [str(python), "-c", "import importlib.metadata as m; print(m.version('pytorch-ood'))"]
+    if python.exists():
+        out = subprocess.run(probe, capture_output=True, text=True)
+        if out.returncode == 0 and out.stdout.strip() == PTOOD_VERSION:
+            return python
+    print(f"[setup] creating {venv} with pytorch-ood=={PTOOD_VERSION} ...", flush=True)
+    base = getattr(sys, "_base_executable", sys.executable)
+    subprocess.run([base, "-m", "venv", str(venv)], check=True)
+    site = subprocess.run(
+        [str(python), "-c", "import site; print(site.getsitepackages()[0])"],
+        capture_output=True, text=True, check=True).stdout.strip()
+    import sysconfig
+
+    host_site = sysconfig.get_paths()["purelib"]
+    # reuse torch/numpy/scipy/sklearn of this environment (see the module docstring)
+    Path(site, "_oodscope_host_packages.pth").write_text(host_site + "\n")
+    subprocess.run([str(python), "-m", "pip", "install", "-q", "--no-deps",
+                    f"pytorch-ood=={PTOOD_VERSION}"], check=True)
+    out = subprocess.run(probe, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"pytorch-ood did not install into {venv}: {out.stderr}")
+    return python
+
+
+# ----------------------------------------------------------------------------- pytorch-ood side
+def _install_torchvision_stub() -> None:
+    """Make ``import torchvision...`` succeed with placeholders (worker process only)."""
+    import importlib.abc
+    import importlib.machinery
+    import types
+
+    class _Placeholder:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    class _StubModule(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            if name[:1].isupper():
+                return type(name, (_Placeholder,), {"__module__": self.__name__})
+
+            def _unavailable(*args, **kwargs):
+                raise RuntimeError(f"{self.__name__}.{name} is a stub: torchvision is not installed")
+
+            return _unavailable
+
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, fullname, path=None, target=None):
+            if fullname == "torchvision" or fullname.startswith("torchvision."):
+                return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+            return None
+
+        def create_module(self, spec):
+            module = _StubModule(spec.name)
+            module.__path__ = []
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, _Finder())
+
+
+def _limit_threads(threads: int) -> None:
+    """Same BLAS/OpenMP thread count in both processes (threadpoolctl ships with sklearn)."""
+    try:
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(threads)
+    except ImportError:
+        pass
+    try:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def ptood_worker(workdir: Path, names: list[str], threads: int = 0) -> None:
+    try:
+        import torchvision  # noqa: F401
+    except Exception:
+        _install_torchvision_stub()
+    import torch
+    from pytorch_ood import detector as D
+
+    torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
+        _limit_threads(threads)
+    a = {k: np.load(workdir / f"{k}.npy") for k in (
+        "train_features", "train_labels", "train_logits", "test_features", "test_logits",
+        "head_weight", "head_bias")}
+    w, b = torch.from_numpy(a["head_weight"]), torch.from_numpy(a["head_bias"])
+    lin = torch.nn.Linear(w.shape[1], w.shape[0])
+    lin.weight.data.copy_(w)
+    lin.bias.data.copy_(b)
+    head4 = lambda x: lin(x.flatten(1))  # noqa: E731  feature-map detectors see (N, D, 1, 1)
+
+    def builders(n_train=None, n_test=None):
+        zt, yt, lt = (torch.from_numpy(a[k][:n_train]) for k in ("train_features", "train_labels", "train_logits"))
+        z, logits = torch.from_numpy(a["test_features"][:n_test]), torch.from_numpy(a["test_logits"][:n_test])
+        zt4, z4 = zt[:, :, None, None], z[:, :, None, None]
+
+        def logit_det(det, fit=False):
+            return (lambda: det.fit_logits(lt, yt)) if fit else None, lambda: det.predict_logits(logits)
+
+        def feat_det(det, fit=True):
+            return (lambda: det.fit_features(zt, yt)) if fit else None, lambda: det.predict_features(z)
+
+        def map_det(det, fit=False):
+            return (lambda: det.fit_feature_maps(zt4, yt)) if fit else None, lambda: det.predict_feature_maps(z4)
+
+        return {
+            "MSP": lambda: logit_det(D.MaxSoftmax(None)),
+            "Energy": lambda: logit_det(D.EnergyBased(None)),
+            "MaxLogit": lambda: logit_det(D.MaxLogit(None)),
+            "Entropy": lambda: logit_det(D.Entropy(None)),
+            "GEN": lambda: logit_det(D.GEN(None, gamma=0.1, M=None)),
+            "ReAct": lambda: map_det(D.ReAct(None, head4, percentile=0.90), fit=True),
+            "ASH-S": lambda: map_det(D.ASH(None, head4, variant="ash-s", percentile=0.90)),
+            "DICE": lambda: feat_det(D.DICE(None, w, b, p=0.90)),
+            "SCALE": lambda: map_det(D.SCALE(None, head4, percentile=0.85)),
+            "Mahalanobis": lambda: feat_det(D.Mahalanobis(None)),
+            "RMD": lambda: feat_det(D.RMD(None)),
+            "KNN(k=50)": lambda: feat_det(D.KNN(None, k=50)),
+            "ViM": lambda: feat_det(D.ViM(None, d=VIM_DIM, w=w, b=b)),
+            "SHE": lambda: feat_det(D.SHE(None, lin)),
+            "NNGuide": lambda: feat_det(D.NNGuide(None, lin, k=10)),
+            "fDBD": lambda: feat_det(D.fDBD(None, lin)),
+            "KL-Matching": lambda: logit_det(D.KLMatching(None), fit=True),
+        }
+
+    full, warm = builders(), builders(WARMUP_TRAIN, WARMUP_TEST)
+    results = {}
+    for name in names:
+        try:
+            fit, score = warm[name]()  # untimed warm-up on a slice (first-call costs)
+            if fit is not None:
+                fit()
+            score()
+            fit, score = full[name]()
+            t0, c0 = time.perf_counter(), time.process_time()
+            if fit is not None:
+                fit()
+            t1, c1 = time.perf_counter(), time.process_time()
+            s = score()
+            t2, c2 = time.perf_counter(), time.process_time()
+            np.save(workdir / f"ptood_{_slug(name)}.npy", s.double().numpy())
+            results[name] = {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}
+        except Exception as exc:  # report, keep going
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[pytorch-ood] {name}: {results[name]}", flush=True)
+    (workdir / "ptood_results.json").write_text(json.dumps(results))
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name)
+
+
+# ----------------------------------------------------------------------------- oodscope side
+def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
+    import oodscope as ood
+    from oodscope.detectors import list_detectors
+
+    available = set(list_detectors())
+    train = ood.Features(logits=a["train_logits"], features=a["train_features"], labels=a["train_labels"],
+                         head_weight=a["head_weight"], head_bias=a["head_bias"])
+    test = ood.Features(logits=a["test_logits"], features=a["test_features"],
+                        head_weight=a["head_weight"], head_bias=a["head_bias"])
+    results = {}
+    for name in names:
+        det_name, params, _ = COMPARED[name]
+        if det_name not in available:
+            results[name] = {"error": f"'{det_name}' is not registered"}
+            continue
+        try:
+            det = ood.create(det_name, **params)  # untimed warm-up on a slice (first-call costs)
+            det.fit(train[:WARMUP_TRAIN] if det.fit_requirements() else None).score(test[:WARMUP_TEST])
+            det = ood.create(det_name, **params)
+            t0, c0 = time.perf_counter(), time.process_time()
+            det.fit(train if det.fit_requirements() else None)
+            t1, c1 = time.perf_counter(), time.process_time()
+            s = det.score(test)
+            t2, c2 = time.perf_counter(), time.process_time()
+            results[name] = {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0, "scores": s}
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[oodscope] {name}: " + (f"fit {results[name]['fit']:.3f}s score {results[name]['score']:.3f}s"
+              if "error" not in results[name] else results[name]["error"]), flush=True)
+    return results
+
+
+# ----------------------------------------------------------------------------- report
+def _fmt(x, spec=".3f"):
+    return "n/a" if x is None else format(x, spec)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n-train", type=int, default=50_000)
+    p.add_argument("--n-test", type=int, default=20_000)
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--classes", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default="", help="comma-separated display names or oodscope names")
+    p.add_argument("--venv", type=Path, default=DEFAULT_VENV)
+    p.add_argument("--ptood-python", default=None, help="interpreter that already has pytorch-ood")
+    p.add_argument("--threads", type=int, default=0,
+                   help="BLAS/OpenMP/torch threads for both libraries (0 = their defaults)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--names", default="", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.worker is not None:
+        ptood_worker(args.worker, [n for n in args.names.split("|") if n], args.threads)
+        return 0
+
+    names = list(COMPARED)
+    if args.only:
+        wanted = {s.strip().lower() for s in args.only.split(",")}
+        names = [n for n in names if n.lower() in wanted or COMPARED[n][0] in wanted]
+    python = args.ptood_python or str(ensure_ptood_venv(args.venv))
+
+    print(f"[data] train {args.n_train} x {args.dim}, test {args.n_test}, {args.classes} classes, seed {args.seed}",
+          flush=True)
+    a = make_problem(args.n_train, args.n_test, args.dim, args.classes, args.seed)
+    with tempfile.TemporaryDirectory(prefix="ptood_bench_") as tmp:
+        work = Path(tmp)
+        for k, v in a.items():
+            np.save(work / f"{k}.npy", v)
+        # the two libraries run one after the other, never at the same time
+        proc = subprocess.run([python, os.path.abspath(__file__), "--worker", str(work), "--names", "|".join(names),
+                               "--threads", str(args.threads)],
+                              text=True)
+        theirs = json.loads((work / "ptood_results.json").read_text()) if proc.returncode == 0 else {}
+        for n in names:
+            f = work / f"ptood_{_slug(n)}.npy"
+            if n in theirs and f.exists():
+                theirs[n]["scores"] = np.load(f)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+            _limit_threads(args.threads)
+        ours = run_oodscope(a, names)
+
+    from scipy.stats import spearmanr
+
+    from oodscope.metrics import auroc
+
+    rows = []
+    for n in names:
+        o, t = ours.get(n, {}), theirs.get(n, {})
+        row = {"detector": n, "ours_fit": o.get("fit"), "ours_score": o.get("score"),
+               "ptood_fit": t.get("fit"), "ptood_score": t.get("score"), "target": COMPARED[n][2],
+               "error": o.get("error") or t.get("error")}
+        if "scores" in o and "scores" in t:
+            total_o, total_t = o["fit"] + o["score"], t["fit"] + t["score"]
+            row["ratio"] = total_t / max(total_o, 1e-9)
+            row["cpu_ratio"] = t["cpu"] / max(o["cpu"], 1e-9)
+            row["spearman"] = float(spearmanr(o["scores"], -t["scores"]).statistic)
+            row["auroc_ours"] = auroc(o["scores"][a["test_is_id"]], o["scores"][~a["test_is_id"]])
+            row["auroc_ptood"] = auroc(-t["scores"][a["test_is_id"]], -t["scores"][~a["test_is_id"]])
+        rows.append(row)
+
+    head = (f"{'detector':<12} {'ours fit':>9} {'ours score':>10} {'ptood fit':>10} {'ptood score':>11} "
+            f"{'ratio':>7} {'target':>10} {'cpu ratio':>9} {'spearman':>9} {'AUROC o/p':>13}")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        ratio = r.get("ratio")
+        met = "" if ratio is None else (" ok" if ratio >= r["target"] else " MISS")
+        auc = ("n/a" if "auroc_ours" not in r else f"{r['auroc_ours']:.3f}/{r['auroc_ptood']:.3f}")
+        print(f"{r['detector']:<12} {_fmt(r['ours_fit']):>9} {_fmt(r['ours_score']):>10} {_fmt(r['ptood_fit']):>10} "
+              f"{_fmt(r['ptood_score']):>11} {_fmt(ratio, '.2f'):>7}{met:<5} {r['target']:>4.0f}x "
+              f"{_fmt(r.get('cpu_ratio'), '.2f'):>9} "
+              f"{_fmt(r.get('spearman'), '.5f'):>9} {auc:>13}"
+              + (f"  [{r['error']}]" if r["error"] else ""))
+    print("\nratio = pytorch-ood (fit+score) / oodscope (fit+score) wall time; cpu ratio = the same "
+          "with process CPU time (steadier on a shared machine); spearman after flipping "
+          "pytorch-ood's sign (higher = OOD there, higher = ID here).")
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""``oodscope bench``: extract once, tune on validation data, score, write a report.
+
+Examples::
+
+    oodscope bench fashion-mnist
+    oodscope bench fashion-mnist --ood mnist,notmnist --detectors msp,energy,knn,vim --out runs/fm
+    oodscope bench cifar10 --model path/to/ckpt.pt
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("benchmark", metavar="BENCHMARK", nargs="?",
+                   help="benchmark name, e.g. fashion-mnist, cifar10, cifar100, imagenet200, "
+                        "imagenet, or a text/CLIP benchmark; omit (or use --list) to list them%(default).0s")
+    p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
+    p.add_argument("--model", default=None,
+                   help="checkpoint of the network to evaluate (.pt/.safetensors); by default the "
+                        "benchmark's reference model is trained or reused from the cache%(default).0s")
+    p.add_argument("--ood", default=None,
+                   help="comma-separated test OOD sets to evaluate (default: all of the benchmark's); "
+                        "an unknown name is an error that lists the valid ones%(default).0s")
+    p.add_argument("--detectors", default=None,
+                   help="comma-separated detector names, or 'all' (default: the benchmark's default "
+                        "list, else every detector the extracted features can feed; detectors that re-run the "
+                        "network, such as ODIN, only when named or with 'all')%(default).0s")
+    p.add_argument("--out", default=None,
+                   help="output folder for results.csv, results.json and report.html "
+                        "(default: runs/bench/<BENCHMARK>)%(default).0s")
+    p.add_argument("--seeds", default="0",
+                   help="comma-separated seeds; each seed reruns the provider (model seed, ID-val "
+                        "split, generated sets) and the leaderboard averages over seeds")
+    p.add_argument("--no-tune", action="store_true",
+                   help="use every detector's default hyperparameters instead of choosing them on "
+                        "ID-val vs the validation OOD set")
+    p.add_argument("--full-spectrum", action="store_true",
+                   help="also report full-spectrum results, where covariate-shifted ID sets "
+                        "(e.g. Fashion-MNIST-C) count as in-distribution")
+    p.add_argument("--subset", type=int, default=None, metavar="N",
+                   help="use at most N samples per split (quick, smaller runs; default: all)%(default).0s")
+    p.add_argument("--cache-dir", default=None,
+                   help="where extracted features and reference models are cached "
+                        "(default: ~/.cache/oodscope)%(default).0s")
+    p.add_argument("--quick", action="store_true",
+                   help="a fast smoke run: small subsets, fewer bootstrap resamples")
+    p.add_argument("--n-boot", type=int, default=200,
+                   help="bootstrap resamples for the confidence intervals (0 = no intervals)")
+    p.add_argument("--no-report", action="store_true", help="write results.csv/json but no report.html")
+    g = p.add_argument_group("provider options (passed to benchmarks that use them)")
+    g.add_argument("--encoder", default=None,
+                   help="text benchmarks: sentence encoder / language model name or path%(default).0s")
+    g.add_argument("--finetune", default=None,
+                   help="text benchmarks: fine-tuning recipe for the encoder (e.g. 'none', 'head', 'full')%(default).0s")
+    g.add_argument("--vlm", default=None,
+                   help="vision-language benchmarks: CLIP model name or path%(default).0s")
+    g.add_argument("--compare-training", default=None, metavar="METHODS",
+                   help="compare OOD-aware training objectives (comma list, e.g. ce,oe,logitnorm): "
+                        "trains one model per method and benchmarks each (oodscope.train.compare)%(default).0s")
+
+
+def _list() -> int:
+    from .spec import get_benchmark, list_benchmarks
+
+    for name in list_benchmarks():
+        bd = get_benchmark(name)
+        print(f"{name:16s} {bd.description}")
+    return 0
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be comma-separated integers, got {text!r}.") from None
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed.")
+    return seeds
+
+
+def run(args: argparse.Namespace) -> int:
+    if getattr(args, "list", False) or not args.benchmark:
+        return _list()
+    if args.compare_training:
+        try:
+            compare = importlib.import_module("oodscope.train.compare")
+        except ModuleNotFoundError as exc:
+            if exc.name not in ("oodscope.train.compare",):
+                raise
+            raise ValueError(
+                "--compare-training needs oodscope.train.compare, which is not available in this "
+                "install.") from None
+        return int(compare.run_comparison(args) or 0)
+
+    from .runner import run_benchmark
+
+    subset = args.subset
+    n_boot = args.n_boot
+    if args.quick:
+        subset = subset or 2000
+        n_boot = min(n_boot, 50)
+    if args.model is not None and not Path(args.model).exists():
+        raise FileNotFoundError(f"--model {args.model!r}: no such file.")
+    options: dict[str, Any] = {
+        "model": args.model, "subset": subset, "cache_dir": args.cache_dir,
+        "quick": args.quick or None, "encoder": args.encoder, "finetune": args.finetune,
+        "vlm": args.vlm,
+    }
+    out = Path(args.out) if args.out else Path("runs") / "bench" / args.benchmark
+    res = run_benchmark(
+        args.benchmark, args.detectors, seeds=_seeds(args.seeds), ood=args.ood,
+        tune_params=not args.no_tune, full_spectrum=args.full_spectrum, ci=n_boot > 0,
+        n_boot=max(n_boot, 1), provider_options=options, progress=True, out_dir=None,
+    )
+    paths = res.write(out, report=not args.no_report)
+    print_leaderboard(res)
+    for kind, path in paths.items():
+        print(f"{kind:5s} {path}")
+    return 0
+
+
+def print_leaderboard(res, file=None) -> None:
+    """The leaderboard as a terminal table (rich when available)."""
+    file = file or sys.stdout
+    acc = res.info.get("id_accuracy")
+    head = f"{res.benchmark}: ID accuracy {100 * acc:.2f}%" if acc is not None else res.benchmark
+    modes = ["standard"] + (["full-spectrum"] if any(r["mode"] == "full-spectrum" for r in res.rows) else [])
+    for mode in modes:
+        lb = res.leaderboard(mode)
+        title = head + ("" if mode == "standard" else " (full-spectrum)")
+        cols = [c for c in lb.columns if c != "detector"]
+        try:
+            from rich.console import Console
+            from rich.table import Table
+
+            t = Table(title=title + " — AUROC / FPR@95 in %")
+            t.add_column("detector", justify="left")
+            for c in cols:
+                t.add_column(c, justify="right", no_wrap=False, min_width=7)
+            for _, r in lb.iterrows():
+                t.add_row(str(r["detector"]), *[("–" if r[c] != r[c] else f"{r[c]:.1f}") for c in cols])
+            Console(file=file, width=max(120, 16 * (len(cols) + 1))).print(t)
+        except ImportError:  # pragma: no cover - rich is a dependency, keep a plain fallback
+            print(title, file=file)
+            print(lb.round(1).to_string(index=False), file=file)
+    for name, reason in res.skipped.items():
+        print(f"skipped {name}: {reason}", file=file)
