@@ -250,19 +250,35 @@ def ptood_worker(workdir: Path, names: list[str], threads: int = 0) -> None:
             if fit is not None:
                 fit()
             score()
-            fit, score = full[name]()
-            t0, c0 = time.perf_counter(), time.process_time()
-            if fit is not None:
-                fit()
-            t1, c1 = time.perf_counter(), time.process_time()
-            s = score()
-            t2, c2 = time.perf_counter(), time.process_time()
+            def once():
+                fit, score = full[name]()
+                t0, c0 = time.perf_counter(), time.process_time()
+                if fit is not None:
+                    fit()
+                t1 = time.perf_counter()
+                s = score()
+                t2, c2 = time.perf_counter(), time.process_time()
+                return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, s
+
+            timing, s = best_of(once)
             np.save(workdir / f"ptood_{_slug(name)}.npy", s.double().numpy())
-            results[name] = {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}
+            results[name] = timing
         except Exception as exc:  # report, keep going
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[pytorch-ood] {name}: {results[name]}", flush=True)
     (workdir / "ptood_results.json").write_text(json.dumps(results))
+
+
+def best_of(once, budget_s: float = 1.0, max_runs: int = 5):
+    """Run ``once`` (-> (timing dict, scores)) repeatedly while runs are short; keep the
+    fastest fit, score and CPU times (sub-second timings are noise on a shared machine)."""
+    timing, scores = once()
+    runs, spent = 1, timing["fit"] + timing["score"]
+    while runs < max_runs and spent < budget_s:
+        t, _ = once()
+        timing = {k: min(timing[k], t[k]) for k in timing}
+        runs, spent = runs + 1, spent + t["fit"] + t["score"]
+    return timing, scores
 
 
 def _slug(name: str) -> str:
@@ -288,13 +304,18 @@ def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
         try:
             det = ood.create(det_name, **params)  # untimed warm-up on a slice (first-call costs)
             det.fit(train[:WARMUP_TRAIN] if det.fit_requirements() else None).score(test[:WARMUP_TEST])
-            det = ood.create(det_name, **params)
-            t0, c0 = time.perf_counter(), time.process_time()
-            det.fit(train if det.fit_requirements() else None)
-            t1, c1 = time.perf_counter(), time.process_time()
-            s = det.score(test)
-            t2, c2 = time.perf_counter(), time.process_time()
-            results[name] = {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0, "scores": s}
+
+            def once():
+                det = ood.create(det_name, **params)
+                t0, c0 = time.perf_counter(), time.process_time()
+                det.fit(train if det.fit_requirements() else None)
+                t1 = time.perf_counter()
+                s = det.score(test)
+                t2, c2 = time.perf_counter(), time.process_time()
+                return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, s
+
+            timing, s = best_of(once)
+            results[name] = {**timing, "scores": s}
         except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[oodscope] {name}: " + (f"fit {results[name]['fit']:.3f}s score {results[name]['score']:.3f}s"

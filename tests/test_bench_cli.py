@@ -53,8 +53,15 @@ def test_bench_cli_help_lists_every_option():
     help_text = sub.format_help()
     for opt in ("--model", "--ood", "--detectors", "--out", "--seeds", "--no-tune", "--full-spectrum",
                 "--subset", "--cache-dir", "--quick", "--encoder", "--finetune", "--vlm",
-                "--compare-training"):
+                "--compare-training", "--data-root", "--class-names", "--epochs", "--train-size",
+                "--batch-size", "--lr"):
         assert opt in help_text
+    # every option is explained
+    for action in sub._actions:
+        assert action.help, action.option_strings
+    flat = " ".join(help_text.split())
+    for recipe in ("'none'", "'ce'", "'supcon'", "'margin'", "'auto'"):
+        assert recipe in flat
 
 
 def test_compare_training_without_module(monkeypatch, capsys):
@@ -70,3 +77,49 @@ def test_compare_training_without_module(monkeypatch, capsys):
     monkeypatch.setattr(importlib, "import_module", fake)
     rc = main(["bench", "fashion-mnist", "--compare-training", "ce,oe"])
     assert rc == 2 and "oodscope.train.compare" in capsys.readouterr().err
+
+
+_OPTS = []
+
+
+def _provider_with_options(seed=0, subset=None, ood=None, fields=None, data_root=None, vlm=None,
+                           class_names=None):
+    _OPTS.append({"data_root": data_root, "vlm": vlm, "class_names": class_names})
+    return _feature_set(seed=seed, n=subset or 150)
+
+
+register_benchmark("synthetic-options", _provider_with_options, "synthetic (tests only)",
+                   ood_names=["near-blend", "far-noise", "scaled"])
+
+
+def test_bench_cli_passes_data_root_and_class_names(tmp_path, capsys):
+    names = tmp_path / "names.txt"
+    names.write_text("cat\n\ndog house\n")
+    rc = main(["bench", "synthetic-options", "--detectors", "msp", "--n-boot", "0", "--no-report",
+               "--data-root", str(tmp_path), "--vlm", "hf:x", "--class-names", str(names),
+               "--out", str(tmp_path / "o")])
+    assert rc == 0
+    assert _OPTS[-1] == {"data_root": str(tmp_path), "vlm": "hf:x", "class_names": ["cat", "dog house"]}
+    capsys.readouterr()
+    # options a benchmark does not take are errors, as are training options without the comparison
+    rc = main(["bench", "synthetic-test", "--data-root", str(tmp_path), "--out", str(tmp_path / "p")])
+    assert rc == 2 and "--data-root" in capsys.readouterr().err
+    rc = main(["bench", "synthetic-options", "--epochs", "3", "--out", str(tmp_path / "q")])
+    assert rc == 2 and "--compare-training" in capsys.readouterr().err
+    rc = main(["bench", "synthetic-options", "--class-names", str(tmp_path / "missing.txt")])
+    assert rc == 2 and "missing.txt" in capsys.readouterr().err
+
+
+def test_compare_training_gets_the_training_options(monkeypatch):
+    import types
+    import sys
+
+    seen = {}
+    fake = types.ModuleType("oodscope.train.compare")
+    fake.run_comparison = lambda args: seen.update(vars(args)) or 0
+    monkeypatch.setitem(sys.modules, "oodscope.train.compare", fake)
+    rc = main(["bench", "--compare-training", "ce,oe", "--epochs", "2", "--train-size", "500",
+               "--batch-size", "64", "--lr", "0.01"])
+    assert rc == 0
+    assert (seen["epochs"], seen["train_size"], seen["batch_size"], seen["lr"]) == (2, 500, 64, 0.01)
+    assert seen["compare_training"] == "ce,oe"

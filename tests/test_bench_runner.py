@@ -126,7 +126,8 @@ def test_tune_reuses_fit_for_score_only_params():
     SignProbe.calls = []
     fs = _probe_set()
     tr = tune(ScoreOnly(), fs.train, fs.val_id, fs.val_ood)
-    assert tr.n_fits == 1 and [c for c in SignProbe.calls if c[0] == "fit"] == [("fit", 101, -1.0)]
+    # one fit, made with the largest score-time value (candidates sharing a fit run largest first)
+    assert tr.n_fits == 1 and [c for c in SignProbe.calls if c[0] == "fit"] == [("fit", 101, 1.0)]
     assert tr.best_params["sign"] == 1.0 and tr.detector.sign == 1.0
 
 
@@ -244,3 +245,155 @@ def test_tune_survives_failing_candidates_and_prefers_defaults_on_ties():
     assert len(failed) == 1 and "too large" in failed[0]["error"]
     with pytest.raises(ValueError, match="too large"):
         tune(Picky(), fs.train, fs.val_id, fs.val_ood, search_space={"sign": [5.0, 6.0]})
+
+
+def test_fast_bootstrap_matches_core_metrics():
+    """The O(n)-per-replicate bootstrap uses exactly the definitions of oodscope.metrics."""
+    from oodscope import metrics as M
+    from oodscope.bench.runner import _curve_metrics, _weighted_curves, bootstrap_replicates
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        na, nb = rng.integers(1, 40, 2)
+        a, b = np.round(rng.normal(1, 1, na), 1), np.round(rng.normal(0, 1, nb), 1)
+        if trial % 5 == 0:
+            a[:] = 0.3  # heavy ties
+        s = np.concatenate([a, b])
+        order = np.argsort(-s, kind="mergesort")
+        ends = np.r_[np.nonzero(np.diff(s[order]))[0], s.size - 1]
+        tp, fp = _weighted_curves(order < na, ends, np.ones(s.size))
+        for m, v in _curve_metrics(tp, fp, na, nb).items():
+            assert v == pytest.approx(M.METRICS[m](a, b), abs=1e-12), m
+    a, b = rng.normal(1, 1, 2000), rng.normal(0, 1, 2000)
+    reps = bootstrap_replicates(a, [b], 300, seed=1)
+    ref = M.evaluate(a, b, ci=True, n_boot=300, seed=2)
+    for m in ("auroc", "fpr_at_95_tpr", "aupr_in", "aupr_out"):
+        lo, hi = np.quantile(reps[m][:, 0], [0.025, 0.975])
+        width = ref[f"{m}_hi"] - ref[f"{m}_lo"]
+        assert abs(lo - ref[f"{m}_lo"]) < 0.25 * width and abs(hi - ref[f"{m}_hi"]) < 0.25 * width
+
+
+# --------------------------------------------------------------------------- stateful detectors
+class StreamProbe(Detector):
+    """Stateful probe: a running count of scored samples shifts every score, so the result
+    depends on the stream; records resets and mixed streams."""
+
+    name = "streamprobe"
+    requires = frozenset({"features"})
+    fit_fields = None
+    search_space = {"scale": [1.0, 2.0]}
+    stateful = True
+    log: list = []
+
+    def __init__(self, scale: float = 1.0):
+        self.scale = scale
+
+    def _fit(self, train):
+        self.seen_ = 0
+
+    def reset(self):
+        StreamProbe.log.append(("reset", self.scale))
+        self.seen_ = 0
+        return self
+
+    def _score(self, x):
+        out = -self.scale * np.abs(x.features[:, 0].astype(np.float64)) + 1e-3 * self.seen_
+        self.seen_ += len(x)
+        return out
+
+    def score_mixed(self, id_features, ood_features, seed=0, order="shuffle"):
+        StreamProbe.log.append(("mixed", len(id_features), len(ood_features), seed))
+        self.reset()
+        both = Features.concat([id_features, ood_features])
+        perm = np.random.default_rng(seed).permutation(len(both))
+        s = np.empty(len(both))
+        s[perm] = self.score(both[perm])
+        # the ID scores of this stream carry a mark of which OOD set it was paired with
+        return s[: len(id_features)] + 1e-6 * len(ood_features), s[len(id_features):]
+
+
+def test_stateful_detectors_are_reset_and_scored_as_mixed_streams():
+    from oodscope.metrics import evaluate
+
+    rng = np.random.default_rng(0)
+
+    def f(n, mu):
+        return Features(features=rng.normal(mu, 1.0, (n, 2)).astype(np.float32))
+
+    fs = FeatureSet(train=f(50, 0), val_id=f(60, 0), val_ood=f(70, 3), test_id=f(80, 0),
+                    near_ood={"a": f(90, 2)}, far_ood={"b": f(40, 4)})
+    StreamProbe.log.clear()
+    res = run(fs, [StreamProbe()], ci=False, seed=5, progress=False)
+    log = StreamProbe.log
+    mixed = [e for e in log if e[0] == "mixed"]
+    # tuning: one mixed stream of ID-val + val-OOD per candidate, each after a reset
+    assert mixed[:2] == [("mixed", 60, 70, 5), ("mixed", 60, 70, 5)]
+    assert log[0][0] == "reset"
+    # test: one fresh stream per OOD set, with the test ID set and the run's seed
+    assert sorted(mixed[2:]) == [("mixed", 80, 40, 5), ("mixed", 80, 90, 5)]
+    # each OOD set is evaluated against the ID scores of its own stream
+    det = StreamProbe(scale=res.tuning["streamprobe"]["params"]["scale"]).fit()
+    for name, ood_f in (("a", fs.near_ood["a"]), ("b", fs.far_ood["b"])):
+        s_id, s_ood = det.score_mixed(fs.test_id, ood_f, seed=5)
+        row = res.results.query("ood_set == @name").iloc[0]
+        assert row["auroc"] == pytest.approx(evaluate(s_id, s_ood)["auroc"], abs=1e-12)
+        np.testing.assert_array_equal(res.scores["streamprobe"][name], s_ood)
+
+
+def test_bootstrap_accepts_per_ood_id_scores():
+    from oodscope.bench.runner import bootstrap_replicates
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(1, 1, 50), rng.normal(0, 1, 40)
+    shared = bootstrap_replicates(a, [b, b], 5, 0)
+    per = bootstrap_replicates([a, a], [b, b], 5, 0)
+    for m in shared:
+        np.testing.assert_array_equal(shared[m], per[m])
+    other = bootstrap_replicates([a, a + 5], [b, b], 5, 0)
+    assert np.all(other["auroc"][:, 1] >= other["auroc"][:, 0])
+
+
+# --------------------------------------------------------------------------- relation cache
+def _relation_problem():
+    p = _make_problem(seed=3, n_train=300, n_test=120)
+    return p.train, p.val, p.test_ood
+
+
+def test_relation_tuning_scores_every_pow_in_one_pass_and_matches_refits(monkeypatch):
+    from oodscope.detectors.distance import Relation
+
+    train, vi, vo = _relation_problem()
+    passes = []
+    real = Relation._relation_sums
+
+    def counting(self, x, pows):
+        passes.append(tuple(pows))
+        return real(self, x, pows)
+
+    monkeypatch.setattr(Relation, "_relation_sums", counting)
+    space = {"pow": [1, 2, 2.5, 8, 16]}
+    tr = tune(Relation(), train, vi, vo, search_space=space)
+    assert tr.n_fits == 1 and len(passes) == 2  # one pass per validation split
+    assert sorted(passes[0]) == sorted(float(p) for p in space["pow"])
+    for row in tr.candidates:
+        fresh = Relation(**row["params"]).fit(train)  # no plan, no cache: the plain computation
+        from oodscope.metrics import auroc
+        assert row["val_auroc"] == auroc(fresh.score(vi), fresh.score(vo))
+    best = tr.detector
+    ref = Relation(pow=best.pow).fit(train)
+    np.testing.assert_array_equal(best.score(vo), ref.score(vo))
+
+
+def test_relation_cache_is_keyed_by_queries_and_cleared_by_refit():
+    from oodscope.detectors.distance import Relation
+
+    train, vi, vo = _relation_problem()
+    det = Relation(pow=2).fit(train)
+    a = det.score(vi)
+    np.testing.assert_array_equal(det.score(vi), a)
+    assert not np.array_equal(det.score(vo)[: len(a)], a[: len(vo)])
+    det.fit(train[: len(train) // 2])
+    np.testing.assert_array_equal(det.score(vi), Relation(pow=2).fit(train[: len(train) // 2]).score(vi))
+    for _ in range(6):  # bounded: old query sets are evicted
+        det.score(vi[: 10 + _])
+    assert len(det._score_cache_) <= Relation._CACHE_ENTRIES

@@ -109,6 +109,10 @@ def test_comparison_table_and_files(tmp_path, monkeypatch):
         chosen = res["rows"][list(res["details"]).index(key)]["best_posthoc"]
         assert det["scores"][chosen]["val_auroc"] == max(s["val_auroc"] for s in det["scores"].values())
     assert "CE model" in res["verdict"]
+    from oodscope.models import load_checkpoint
+
+    _, meta = load_checkpoint(tmp_path / "out" / "models" / "oe-seed0.safetensors")
+    assert meta["objective"]["name"] == "oe" and meta["default_detector"] == "msp"
     assert (tmp_path / "out" / "comparison.csv").exists() and (tmp_path / "out" / "comparison.md").read_text().count("|") > 20
 
 
@@ -119,3 +123,32 @@ def test_comparison_rejects_bad_requests(tmp_path):
         run_comparison(args)
     with pytest.raises(ValueError, match="supports the benchmarks"):
         compare_training("cifar10", "ce", budget=TrainBudget(epochs=1, train_size=32))
+
+
+def test_fit_rejects_outliers_of_the_wrong_shape_before_the_first_step(split_data):
+    from oodscope.data.dataset import ImageDataset
+
+    obj = create_objective("oe")
+    steps = []
+    real = obj.loss
+    obj.loss = lambda *a, **k: steps.append(1) or real(*a, **k)
+    wrong = ImageDataset(np.zeros((20, 32, 32, 3), np.uint8), None, [], name="rgb-outliers")
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 6))
+    with pytest.raises(ValueError, match="shape"):
+        fit(net, split_data.train, objective=obj, outliers=wrong, epochs=1, batch_size=16,
+            progress=False, mean=MEAN, std=STD)
+    assert not steps
+
+
+def test_split_datasets_uses_held_out_indices_as_id_val():
+    d = split_datasets(0, seed=0, val_indices=np.arange(0, 600, 2), subset=None, train_size=None)
+    from oodscope import data as D
+
+    train_all = D.load("fashion-mnist", "train")
+    held = np.arange(0, 600, 2)
+    id_held = held[np.isin(train_all.labels[held], d.id_classes)]
+    np.testing.assert_array_equal(d.val.images, train_all.images[id_held])
+    n_id = int(np.isin(train_all.labels, d.id_classes).sum())
+    assert len(d.train) == n_id - len(id_held)
+    with pytest.raises(ValueError, match="ID-val would be empty"):
+        split_datasets(0, val_indices=np.flatnonzero(~np.isin(train_all.labels, d.id_classes))[:5])

@@ -377,3 +377,27 @@ def test_knn_without_faiss_falls_back_to_exact_numpy(monkeypatch):
     )
     with pytest.raises(ValueError, match="needs faiss"):
         ood.create("knn", k=3, index="ivf").fit(train)
+
+
+def test_knn_search_cache_serves_smaller_k_without_searching():
+    """Tuning over k reuses one search: a second call with a smaller k slices the first."""
+    from oodscope import Features, create
+
+    rng = np.random.default_rng(0)
+    train = Features(features=rng.standard_normal((300, 16)).astype(np.float32))
+    test = Features(features=rng.standard_normal((40, 16)).astype(np.float32))
+    det = create("knn", k=20).fit(train)
+    s20 = det.score(test)
+    calls = []
+    index = det.index_
+    original = index.index.search if index.index is not None else None
+    if original is not None:
+        index.index.search = lambda q, k: calls.append(k) or original(q, k)
+    det.k = 5
+    s5 = det.score(test)
+    assert calls == []  # served from the k=20 result
+    np.testing.assert_allclose(s5, create("knn", k=5).fit(train).score(test), rtol=1e-6)
+    assert not np.allclose(s5, s20)
+    index._cache.clear()  # without the stored result the index is searched again
+    det.score(test)
+    assert calls == [5] or original is None

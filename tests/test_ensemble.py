@@ -153,3 +153,40 @@ def test_network_members_get_their_model(problem):
     with pytest.raises(ValueError, match="inputs"):
         det.score(problem.test_id.replace(extras={}))
     assert ood.metrics.auroc(det.score(problem.test_id), det.score(problem.test_ood)) >= 0.95
+
+
+def test_method_and_weights_are_score_time_and_cached_scores_match_fresh_fits(problem):
+    from oodscope.bench.tuning import tune
+    from oodscope.metrics import auroc
+
+    members = ["energy", ("knn", {"k": 5}), "mahalanobis"]
+    x = ood.Features.concat([problem.test_id, problem.test_ood])
+    det = ood.create("ensemble", members=members, method="zscore").fit(problem.train)
+    first = det.score(x)
+    assert len(det._raw_cache_) == 1
+    calls = []
+    for m in det.members_:
+        real = m.score
+        m.score = lambda f, _real=real: calls.append(1) or _real(f)
+    det.method = "rank"
+    det.weights = [1.0, 2.0, 0.5]
+    cached = det.score(x)
+    assert not calls  # members were not scored again
+    fresh = ood.create("ensemble", members=members, method="rank", weights=[1.0, 2.0, 0.5]).fit(problem.train)
+    np.testing.assert_array_equal(cached, fresh.score(x))
+    det.method, det.weights = "zscore", None
+    np.testing.assert_array_equal(det.score(x), first)
+
+    tr = tune(ood.create("ensemble", members=members), problem.train, problem.val, problem.test_ood)
+    assert tr.n_fits == 1
+    for row in tr.candidates:
+        ref = ood.create("ensemble", members=members, **row["params"]).fit(problem.train)
+        assert row["val_auroc"] == auroc(ref.score(problem.val), ref.score(problem.test_ood))
+
+
+def test_refit_clears_the_member_score_cache(problem):
+    det = ood.create("ensemble", members=["energy", ("knn", {"k": 5})]).fit(problem.train)
+    det.score(problem.test_id)
+    det.fit(problem.train[:200])
+    ref = ood.create("ensemble", members=["energy", ("knn", {"k": 5})]).fit(problem.train[:200])
+    np.testing.assert_array_equal(det.score(problem.test_id), ref.score(problem.test_id))

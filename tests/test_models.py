@@ -135,3 +135,74 @@ def test_reference_model_reaches_91_percent():
     acc = evaluate(net, data.loader(test, 1000, mean=norm["mean"], std=norm["std"]))["accuracy"]
     assert acc == pytest.approx(meta["test_accuracy"], abs=1e-6)
     assert acc >= 0.91
+
+
+# ---------------------------------------------------------------- held-out validation images
+def test_holdout_split_disjoint_stratified_deterministic():
+    from oodscope.models.reference import holdout_split
+
+    labels = np.repeat(np.arange(4), [50, 30, 15, 5])
+    np.random.default_rng(1).shuffle(labels)
+    train_idx, val_idx = holdout_split(labels, 20, seed=3)
+    assert len(val_idx) == 20 and len(train_idx) == 80
+    assert np.intersect1d(train_idx, val_idx).size == 0
+    np.testing.assert_array_equal(np.sort(np.concatenate([train_idx, val_idx])), np.arange(100))
+    assert np.all(np.diff(val_idx) > 0) and val_idx.dtype == np.int64
+    np.testing.assert_array_equal(np.bincount(labels[val_idx], minlength=4), [10, 6, 3, 1])
+    again = holdout_split(labels, 20, seed=3)
+    np.testing.assert_array_equal(again[1], val_idx)
+    other = holdout_split(labels, 20, seed=4)[1]
+    assert not np.array_equal(other, val_idx)
+    # remainders: 7 of 3 equal classes of 10 -> 3, 2, 2 (ties to the smaller class id)
+    _, v = holdout_split(np.repeat(np.arange(3), 10), 7, seed=0)
+    np.testing.assert_array_equal(np.bincount(np.repeat(np.arange(3), 10)[v]), [3, 2, 2])
+    for bad in (0, 100, 2.5, -1):
+        with pytest.raises(ValueError, match="n_val"):
+            holdout_split(labels, bad)
+
+
+def test_fashion_mnist_recipe_holds_out_5000():
+    from oodscope.models.reference import RECIPES, _recipe_hash
+
+    assert RECIPES["fashion-mnist"]["val_holdout"] == 5000
+    assert _recipe_hash(RECIPES["fashion-mnist"]) != _recipe_hash(
+        {k: v for k, v in RECIPES["fashion-mnist"].items() if k != "val_holdout"})
+
+
+def test_reference_model_trains_without_held_out_images(tmp_path, monkeypatch):
+    """A tiny recipe on synthetic images: the images `fit` sees are exactly the ones not in
+    ``meta["val_indices"]``, and the indices survive the JSON checkpoint."""
+    from oodscope import data as odata
+    from oodscope.data import ImageDataset
+    from oodscope.models import reference
+    from oodscope.train import loop
+
+    n = 120
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(n, 28, 28), dtype=np.uint8)
+    images[:, 0, 0] = np.arange(n)  # each image carries its own position
+    labels = np.arange(n) % 3
+    split = {"train": ImageDataset(images, labels, ["a", "b", "c"], name="toy/train"),
+             "test": ImageDataset(images[:30], labels[:30], ["a", "b", "c"], name="toy/test")}
+    monkeypatch.setattr(odata, "load", lambda name, s, **kw: split[s])
+    seen = {}
+    real_fit = loop.fit
+
+    def spy_fit(model, train, **kw):
+        seen["positions"] = np.asarray(train.images[:, 0, 0], dtype=np.int64)
+        return real_fit(model, train, **kw)
+
+    monkeypatch.setattr(loop, "fit", spy_fit)
+    recipe = dict(reference.RECIPES["fashion-mnist"], epochs=1, batch_size=32, val_holdout=30,
+                  model_kwargs={"width": 4, "feature_dim": 8})
+    monkeypatch.setitem(reference.RECIPES, "toy", recipe)
+    net, meta = reference.reference_model("toy", cache_dir=tmp_path, progress=False, seed=5)
+    val = meta["val_indices"]
+    assert isinstance(val, list) and all(isinstance(i, int) for i in val) and len(val) == 30
+    assert meta["train_size"] == 90 and meta["val_holdout"]["size"] == 30
+    np.testing.assert_array_equal(np.sort(seen["positions"]), np.setdiff1d(np.arange(n), val))
+    np.testing.assert_array_equal(np.bincount(labels[val]), [10, 10, 10])
+    expected = reference.holdout_split(labels, 30, seed=5)[1]
+    np.testing.assert_array_equal(val, expected)
+    _, cached = reference.reference_model("toy", cache_dir=tmp_path, train_if_missing=False, seed=5)
+    assert cached["val_indices"] == val

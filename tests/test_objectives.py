@@ -139,7 +139,7 @@ def test_nan_loss_names_the_step_and_cause():
 # ------------------------------------------------------------------ MixOE
 def test_mixup_targets_sum_to_one_and_move_to_uniform():
     x, y, xo = _batch()
-    mixed, target, lam = mix_batch(x, y, xo, 0.3, C, "mixup")
+    mixed, target, _ = mix_batch(x, y, xo, 0.3, C, "mixup")
     assert torch.allclose(target.sum(1), torch.ones(len(x), dtype=target.dtype))
     assert torch.allclose(mixed, 0.3 * x + 0.7 * xo)
     assert float(target[0, y[0]]) == pytest.approx(0.3 + 0.7 / C)
@@ -313,7 +313,7 @@ def test_palm_loss_matches_hand_computation_and_keeps_unit_prototypes():
 
 
 def test_palm_weights_only_on_own_class_prototypes():
-    net, (x, y, _) = _net(6), _batch(n=9, seed=6)
+    net, (_, y, _) = _net(6), _batch(n=9, seed=6)
     obj = PALM(num_prototypes=4, top_k=3, proj_dim=5)
     obj.setup(net, C)
     z = torch.nn.functional.normalize(torch.randn(9, 5), dim=1)

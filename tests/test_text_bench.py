@@ -15,14 +15,6 @@ from oodscope.text.benchmark import clinc150_provider, parse_finetune
 from oodscope.text.encoders import TextEncoder
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run faster single-threaded, and much faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 INTENTS = {
     "weather": ["will it rain {}", "is it sunny {}", "weather forecast {}", "how cold is it {}"],
     "alarm": ["set an alarm {}", "wake me up {}", "alarm for {}", "remind me to wake {}"],
@@ -101,3 +93,10 @@ def test_finetune_option_parsing():
     assert parse_finetune("margin") == "margin" and parse_finetune("supcon") == "supcon"
     with pytest.raises(ValueError, match="finetune"):
         parse_finetune("lots")
+
+
+def test_small_subset_keeps_only_seen_classes(tiny_clinc):
+    fs = clinc150_provider(encoder=BagOfWordsEncoder(), subset=4, cache_dir=tiny_clinc / "cache")
+    seen = set(fs.train.labels.tolist())
+    assert len(fs.train) == 4
+    assert set(fs.test_id.labels.tolist()) <= seen and set(fs.val_id.labels.tolist()) <= seen

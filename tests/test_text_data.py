@@ -5,7 +5,6 @@ formats of the generic CSV/TSV/JSONL loader, BANKING77-OOS / CLINC-Single-Domain
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np

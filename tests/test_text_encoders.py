@@ -13,19 +13,17 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import oodscope as ood
-from oodscope import Features
-from oodscope.text import HFEncoder, MissingExtraError, SentenceEncoder, encode_cached, extract, load_encoder
+from oodscope.text import (
+    HFEncoder,
+    MissingExtraError,
+    SentenceEncoder,
+    encode_cached,
+    extract,
+    load_encoder,
+)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run faster single-threaded, and much faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-WORDS = "book a flight to rome play some jazz music what is the weather today set an alarm for seven".split()
+WORDS = ["book", "a", "flight", "to", "rome", "play", "some", "jazz", "music", "what", "is", "the", "weather", "today", "set", "an", "alarm", "for", "seven"]
 
 
 @pytest.fixture(scope="module")

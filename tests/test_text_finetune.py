@@ -11,16 +11,12 @@ transformers = pytest.importorskip("transformers")
 st = pytest.importorskip("sentence_transformers")
 
 from oodscope.text import SentenceEncoder
-from oodscope.text.finetune import finetune_encoder, margin_contrastive_loss, supervised_contrastive_loss
+from oodscope.text.finetune import (
+    finetune_encoder,
+    margin_contrastive_loss,
+    supervised_contrastive_loss,
+)
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run faster single-threaded, and much faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_supcon_prefers_clustered_embeddings():
@@ -32,7 +28,7 @@ def test_supcon_prefers_clustered_embeddings():
     z = torch.randn(3, 2, requires_grad=True)
     loss = supervised_contrastive_loss(z, torch.tensor([0, 1, 2]))
     loss.backward()
-    assert float(loss) == 0.0
+    assert float(loss.detach()) == 0.0
 
 
 def test_margin_loss_values():
@@ -47,7 +43,7 @@ def test_margin_loss_values():
 
 @pytest.mark.parametrize("objective", ["ce", "margin"])
 def test_finetune_tiny_sentence_model(tmp_path, objective):
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + "play jazz rock set alarm wake me up at seven".split()
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + ["play", "jazz", "rock", "set", "alarm", "wake", "me", "up", "at", "seven"]
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
     tok = transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
     cfg = transformers.BertConfig(vocab_size=len(words), hidden_size=16, num_hidden_layers=1,

@@ -14,14 +14,6 @@ from oodscope.metrics import auroc
 from oodscope.text import ClassifierHead, fit_head
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run faster single-threaded, and much faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _blobs(n_per: int, classes: int = 6, dim: int = 24, seed: int = 0, spread: float = 0.35):
     rng = np.random.default_rng(seed)

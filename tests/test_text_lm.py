@@ -22,14 +22,6 @@ from oodscope.text import text_array
 from oodscope.text.lm import finetune_causal_lm, likelihood_ratio, sequence_log_likelihood
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    # Tiny models run faster single-threaded, and much faster on a busy machine.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 TOPICS = {
     "weather": (["the", "today", "tomorrow", "tonight"], ["rain", "snow", "wind", "sun", "fog", "storm"],
                 ["is", "looks", "will be"], ["heavy", "light", "cold", "warm", "strong"]),
@@ -122,7 +114,7 @@ def test_lm_ratio_with_given_pair_and_bad_input(toy):
         det.score(Features(features=np.zeros((2, 3))))
     with pytest.raises(ValueError, match="base_model"):
         ood.create("lm_ratio").fit()
-    with pytest.raises(ValueError, match="fine-tunes"):
+    with pytest.raises(ValueError, match="text"):
         ood.create("lm_ratio", base_model=toy["base"], tokenizer=toy["tok"]).fit()
     with pytest.raises(ValueError, match="reduction"):
         ood.create("lm_ratio", base_model=toy["base"], tokenizer=toy["tok"], reduction="max").fit()

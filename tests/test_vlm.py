@@ -481,3 +481,22 @@ def test_adaneg_proxy_score_matches_direct_formula(proxy, space):
                      n_negatives=20, n_groups=1, temperature=0.05).fit()
     np.testing.assert_allclose(ada._adaptive(img), neg.score(Features(extras={"image_embeds": img})),
                                rtol=1e-5)
+
+
+def test_runner_scores_adaneg_as_seeded_mixed_streams(space):
+    """The benchmark runner resets AdaNeg's memory per OOD set and scores that set mixed
+    with the test ID set (seeded), so its numbers equal score_mixed's."""
+    from oodscope.bench.runner import run
+    from oodscope.bench.spec import FeatureSet
+    from oodscope.metrics import evaluate
+
+    fid, food = space["id"], space["ood"]
+    fs = FeatureSet(train=fid[:40], val_id=fid[40:100], val_ood=food[:60], test_id=fid[100:],
+                    far_ood={"neg-a": food[60:130], "neg-b": food[130:]})
+    ada = _adaneg(space, stream_batch_size=16, memory_size=3)
+    res = run(fs, [ada], tune_params=False, ci=False, seed=7, progress=False)
+    rows = res.results.set_index("ood_set")
+    for name, f in fs.far_ood.items():
+        s_id, s_ood = _adaneg(space, stream_batch_size=16, memory_size=3).score_mixed(fs.test_id, f, seed=7)
+        np.testing.assert_allclose(res.scores["adaneg"][name], s_ood, rtol=1e-12)
+        assert rows.loc[name, "auroc"] == pytest.approx(evaluate(s_id, s_ood)["auroc"], abs=1e-12)

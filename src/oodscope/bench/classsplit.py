@@ -72,12 +72,16 @@ def _check_split(split: int) -> tuple[int, ...]:
 
 
 def split_datasets(split: int = 0, seed: int = 0, val_size: int = 3000, subset: int | None = None,
-                   data_root: str | Path | None = None, train_size: int | None = None) -> ClassSplitData:
+                   data_root: str | Path | None = None, train_size: int | None = None,
+                   val_indices: Any = None) -> ClassSplitData:
     """Load Fashion-MNIST (and MNIST) and cut them into the sets of ``split``.
 
     ``subset`` caps every evaluation split; ``train_size`` caps the training set
     (class-stratified random draw, for short CPU runs). The ID-val part is drawn with
-    ``seed`` and excluded from training.
+    ``seed`` and excluded from training, unless ``val_indices`` (indices into the
+    Fashion-MNIST train split that the model was trained without, a checkpoint's
+    ``meta["val_indices"]``) is given: then its ID-class images are ID-val and the rest of
+    the ID-class images the fitting set, as in the ``fashion-mnist`` benchmark.
     """
     from .. import data as D
     from ..data.dataset import ImageDataset
@@ -98,8 +102,16 @@ def split_datasets(split: int = 0, seed: int = 0, val_size: int = 3000, subset: 
                             meta={"split": int(split), "id_classes": id_classes})
 
     id_idx = np.nonzero(np.isin(train_all.labels, id_classes))[0]
-    perm = rng.permutation(id_idx)
-    val_idx, fit_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
+    if val_indices is not None:
+        held_mask = np.zeros(len(train_all), bool)
+        held_mask[np.asarray(val_indices, dtype=np.int64)] = True
+        val_idx, fit_idx = id_idx[held_mask[id_idx]], id_idx[~held_mask[id_idx]]
+        if len(val_idx) == 0:
+            raise ValueError("val_indices holds no image of this split's ID classes; "
+                             "ID-val would be empty.")
+    else:
+        perm = rng.permutation(id_idx)
+        val_idx, fit_idx = np.sort(perm[:val_size]), np.sort(perm[val_size:])
     if train_size is not None and train_size < len(fit_idx):
         fit_idx = np.sort(rng.choice(fit_idx, size=train_size, replace=False))
     train = id_part(train_all, fit_idx, f"fashion-mnist-split{split}/train")
@@ -148,14 +160,12 @@ def fashion_mnist_split(
     ``data`` passes ready `split_datasets` output (the comparison of training methods trains
     on exactly those images).
     """
-    from .vision import FMNIST_MEAN, FMNIST_STD, _check_model, _Extractor, _feature_cache, _wants_inputs
+    from .vision import (FMNIST_MEAN, FMNIST_STD, _check_model, _Extractor, _feature_cache, _wants_inputs,
+                         model_normalization)
 
     if subset is None and quick:
         subset = 2000
-    if data is None:
-        data = split_datasets(split, seed=seed, val_size=val_size, subset=subset, data_root=data_root,
-                              train_size=train_size)
-    n_cls = len(data.id_classes)
+    meta: dict = {}
     if net is not None:
         meta, source = dict(net_meta or {}), "the given network"
     elif model is not None:
@@ -163,13 +173,16 @@ def fashion_mnist_split(
 
         net, meta = load_checkpoint(model)
         meta, source = dict(meta or {}), str(model)
-    else:
+    if data is None:
+        # a checkpoint that records the training images it held out gets them as ID-val
+        data = split_datasets(split, seed=seed, val_size=val_size, subset=subset, data_root=data_root,
+                              train_size=train_size, val_indices=meta.get("val_indices"))
+    n_cls = len(data.id_classes)
+    if net is None:
         net, meta = _reference_split_model(data, cache_dir, seed, epochs, progress)
         source = f"small CNN trained with cross-entropy on split {data.split} ({epochs} epochs)"
     _check_model(net, n_cls, (1, 28, 28), source)
-    norm = meta.get("normalization") or {}
-    mean = norm.get("mean", meta.get("mean", FMNIST_MEAN))
-    std = norm.get("std", meta.get("std", FMNIST_STD))
+    mean, std = model_normalization(meta, FMNIST_MEAN, FMNIST_STD)
 
     wanted = None if ood is None else {o.lower() for o in ood}
     ex = _Extractor(net, mean, std, _feature_cache(cache_dir), keep_inputs=_wants_inputs(fields),

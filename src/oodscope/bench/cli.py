@@ -4,7 +4,10 @@ Examples::
 
     oodscope bench fashion-mnist
     oodscope bench fashion-mnist --ood mnist,notmnist --detectors msp,energy,knn,vim --out runs/fm
-    oodscope bench cifar10 --model path/to/ckpt.pt
+    oodscope bench cifar10 --model path/to/ckpt.pt --data-root /data/openood
+    oodscope bench imagenet --vlm hf:openai/clip-vit-base-patch16 --class-names names.txt
+    oodscope bench clinc150 --finetune none
+    oodscope bench fashion-mnist-split --compare-training ce,oe,logitnorm --epochs 4
 """
 
 from __future__ import annotations
@@ -55,16 +58,44 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=200,
                    help="bootstrap resamples for the confidence intervals (0 = no intervals)")
     p.add_argument("--no-report", action="store_true", help="write results.csv/json but no report.html")
-    g = p.add_argument_group("provider options (passed to benchmarks that use them)")
+    g = p.add_argument_group("provider options (passed to benchmarks that use them; a benchmark "
+                             "that does not use a given option stops with an error)")
+    g.add_argument("--data-root", default=None, metavar="DIR",
+                   help="where the benchmark's data lives (e.g. the OpenOOD v1.5 folder with "
+                        "benchmark_imglist/ and images_*/, or the Fashion-MNIST files); default: "
+                        "found via $OODSCOPE_DATA%(default).0s")
     g.add_argument("--encoder", default=None,
                    help="text benchmarks: sentence encoder / language model name or path%(default).0s")
-    g.add_argument("--finetune", default=None,
-                   help="text benchmarks: fine-tuning recipe for the encoder (e.g. 'none', 'head', 'full')%(default).0s")
-    g.add_argument("--vlm", default=None,
-                   help="vision-language benchmarks: CLIP model name or path%(default).0s")
-    g.add_argument("--compare-training", default=None, metavar="METHODS",
+    g.add_argument("--finetune", default=None, metavar="RECIPE",
+                   help="text benchmarks (clinc150): fine-tuning of the sentence encoder before "
+                        "extraction: 'none' (frozen encoder), 'ce' (cross-entropy; aliases 'true', "
+                        "'full'), 'supcon' (supervised contrastive) or 'margin'. Default 'auto': "
+                        "'ce' on full runs with the default encoder, frozen for --subset/--quick "
+                        "runs and other encoders%(default).0s")
+    g.add_argument("--vlm", default=None, metavar="SPEC",
+                   help="embed images with a CLIP-like model instead of a classifier, for the "
+                        "zero-shot detectors (MCM, GL-MCM, NegLabel, AdaNeg): hf:<model or dir> or "
+                        "open_clip:<arch>/<tag>; works with the *-vlm benchmarks and the OpenOOD "
+                        "ones (e.g. 'bench imagenet --vlm hf:openai/clip-vit-base-patch16')%(default).0s")
+    g.add_argument("--class-names", default=None, metavar="FILE",
+                   help="with --vlm: text file with the ID class names, one a line in label order "
+                        "(default: the benchmark's own names, e.g. CIFAR-10's, or "
+                        "<data-root>/class_names/<benchmark>.txt)%(default).0s")
+    t = p.add_argument_group("training comparison (--compare-training)")
+    t.add_argument("--compare-training", default=None, metavar="METHODS",
                    help="compare OOD-aware training objectives (comma list, e.g. ce,oe,logitnorm): "
-                        "trains one model per method and benchmarks each (oodscope.train.compare)%(default).0s")
+                        "trains one model per method and benchmarks each (oodscope.train.compare); "
+                        "the BENCHMARK defaults to fashion-mnist-split%(default).0s")
+    t.add_argument("--epochs", type=int, default=None, metavar="N",
+                   help="training epochs per method (default: the comparison's budget; fewer with "
+                        "--quick)%(default).0s")
+    t.add_argument("--train-size", type=int, default=None, metavar="N",
+                   help="train each method on at most N ID images (class-stratified draw; default: "
+                        "the comparison's budget)%(default).0s")
+    t.add_argument("--batch-size", type=int, default=None, metavar="N",
+                   help="training batch size (default: the comparison's budget)%(default).0s")
+    t.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: the comparison's budget)%(default).0s")
 
 
 def _list() -> int:
@@ -74,6 +105,19 @@ def _list() -> int:
         bd = get_benchmark(name)
         print(f"{name:16s} {bd.description}")
     return 0
+
+
+def _class_names(path: str | None) -> list[str] | None:
+    """``--class-names FILE``: one name per line (blank lines ignored)."""
+    if path is None:
+        return None
+    f = Path(path)
+    if not f.is_file():
+        raise FileNotFoundError(f"--class-names {path!r}: no such file (one class name a line).")
+    names = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not names:
+        raise ValueError(f"--class-names {path!r} is empty: give one ID class name a line.")
+    return names
 
 
 def _seeds(text: str) -> list[int]:
@@ -87,7 +131,7 @@ def _seeds(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if getattr(args, "list", False) or not args.benchmark:
+    if getattr(args, "list", False) or not (args.benchmark or args.compare_training):
         return _list()
     if args.compare_training:
         try:
@@ -99,6 +143,10 @@ def run(args: argparse.Namespace) -> int:
                 "--compare-training needs oodscope.train.compare, which is not available in this "
                 "install.") from None
         return int(compare.run_comparison(args) or 0)
+    for opt in ("epochs", "train_size", "batch_size", "lr"):
+        if getattr(args, opt, None) is not None:
+            raise ValueError(f"--{opt.replace('_', '-')} is a training option: it only applies with "
+                             "--compare-training.")
 
     from .runner import run_benchmark
 
@@ -112,8 +160,11 @@ def run(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         "model": args.model, "subset": subset, "cache_dir": args.cache_dir,
         "quick": args.quick or None, "encoder": args.encoder, "finetune": args.finetune,
-        "vlm": args.vlm,
+        "vlm": args.vlm, "data_root": getattr(args, "data_root", None),
+        "class_names": _class_names(getattr(args, "class_names", None)),
     }
+    if options["class_names"] is not None and args.vlm is None:
+        raise ValueError("--class-names is used with --vlm only.")
     out = Path(args.out) if args.out else Path("runs") / "bench" / args.benchmark
     res = run_benchmark(
         args.benchmark, args.detectors, seeds=_seeds(args.seeds), ood=args.ood,

@@ -11,6 +11,14 @@ detector the runner then
    bootstrap confidence intervals; near/far rows are the unweighted mean over datasets;
 4. in full-spectrum mode also counts the covariate-shifted ID sets as ID.
 
+Stateful, order-dependent detectors (class attribute ``stateful = True``, e.g. AdaNeg's
+test-time memory) are evaluated as in their papers' protocol: each tuning candidate starts
+from ``reset()`` and scores ID-val and val-OOD as one seeded interleaved stream, and each
+test OOD set is scored with ``score_mixed(test_id, ood_set, seed=seed)``, a fresh memory
+per OOD set. Their test ID scores therefore differ per OOD set; the metrics of each OOD set
+use the ID scores of its own stream (``results.scores[det]["test_id"]`` keeps those of the
+first OOD set).
+
 Only detectors that declare ``requires={"model"}`` touch the network again, through the
 model the provider passed in ``FeatureSet.detector_kwargs``.
 """
@@ -30,9 +38,9 @@ import numpy as np
 
 from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
-from ..metrics import accuracy, auroc, evaluate, fpr_at_95_tpr
+from ..metrics import accuracy, evaluate
 from .spec import BenchmarkDef, FeatureSet, get_benchmark
-from .tuning import _public_params, tune
+from .tuning import _public_params, is_stateful, score_pair, tune
 
 __all__ = ["BenchResult", "run_benchmark", "run", "select_detectors", "METRIC_COLUMNS"]
 
@@ -220,31 +228,86 @@ def check_ood_names(requested: Iterable[str] | None, fs_or_names: FeatureSet | I
 
 
 # --------------------------------------------------------------------------- running
-def _metrics(id_s: np.ndarray, ood_s: np.ndarray, ci: bool, n_boot: int, seed: int) -> dict[str, float]:
-    return evaluate(id_s, ood_s, ci=ci, n_boot=n_boot, seed=seed)
+def _weighted_curves(order_is_id: np.ndarray, group_end: np.ndarray, w: np.ndarray):
+    """Cumulative (ID, OOD) weights at each tie-group end, scores sorted descending."""
+    w_id = np.where(order_is_id, w, 0.0)
+    w_ood = np.where(order_is_id, 0.0, w)
+    return np.cumsum(w_id)[group_end], np.cumsum(w_ood)[group_end]
 
 
-def _mean_row_metrics(
-    id_s: np.ndarray, oods: list[np.ndarray], ci: bool, n_boot: int, seed: int,
-    per_set: list[dict[str, float]],
-) -> dict[str, float]:
-    """Unweighted mean over datasets; CI by bootstrapping the mean itself."""
-    out = {m: float(np.mean([r[m] for r in per_set])) for m in METRIC_COLUMNS}
-    if ci:
-        rng = np.random.default_rng(seed + 7919)
-        boots = {m: np.empty(n_boot) for m in ("auroc", "fpr_at_95_tpr")}
-        for i in range(n_boot):
-            ra = id_s[rng.integers(0, id_s.size, id_s.size)]
-            vals = {m: [] for m in boots}
-            for o in oods:
-                rb = o[rng.integers(0, o.size, o.size)]
-                vals["auroc"].append(auroc(ra, rb))
-                vals["fpr_at_95_tpr"].append(fpr_at_95_tpr(ra, rb))
-            for m in boots:
-                boots[m][i] = np.mean(vals[m])
-        for m, v in boots.items():
-            out[f"{m}_lo"], out[f"{m}_hi"] = (float(q) for q in np.quantile(v, [0.025, 0.975]))
+def _curve_metrics(tp: np.ndarray, fp: np.ndarray, n_id: float, n_ood: float) -> dict[str, float]:
+    """AUROC, FPR@95, AUPR-In, AUPR-Out from cumulative counts at descending thresholds.
+
+    Same definitions as `oodscope.metrics` (ties count one half for AUROC, grouped for AP,
+    FPR@95 accepts OOD tied with the threshold); with unit weights the values are identical.
+    """
+    tpr = np.r_[0.0, tp / n_id]
+    fpr = np.r_[0.0, fp / n_ood]
+    out = {"auroc": float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2.0))}
+    k = np.ceil(0.95 * n_id - 1e-12)
+    out["fpr_at_95_tpr"] = float(fp[np.searchsorted(tp, max(k, 1.0) - 1e-9)] / n_ood)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec = np.where(tp + fp > 0, tp / (tp + fp), 1.0)
+    out["aupr_in"] = float(np.sum(np.diff(np.r_[0.0, tp]) / n_id * prec))
+    # OOD positive, thresholds ascending: cumulative counts from the other end
+    tp_o = n_ood - np.r_[0.0, fp[:-1]][::-1]
+    fp_o = n_id - np.r_[0.0, tp[:-1]][::-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        prec_o = np.where(tp_o + fp_o > 0, tp_o / (tp_o + fp_o), 1.0)
+    out["aupr_out"] = float(np.sum(np.diff(np.r_[0.0, tp_o]) / n_ood * prec_o))
     return out
+
+
+def bootstrap_replicates(id_s: np.ndarray | list[np.ndarray], oods: list[np.ndarray], n_boot: int, seed: int
+                         ) -> dict[str, np.ndarray]:
+    """Percentile-bootstrap replicates ``metric -> (n_boot, len(oods))``.
+
+    ``id_s`` is one array of ID scores, or one per OOD set (stateful detectors score the
+    same ID samples differently in each ID/OOD stream); the ID resampling is shared anyway.
+
+    Each replicate resamples the ID set once (shared by every OOD set, so means over OOD
+    sets get a joint interval) and each OOD set independently. Resampling is expressed as
+    multinomial counts over the samples sorted once, so a replicate costs O(n), not a sort.
+    """
+    rng = np.random.default_rng(seed)
+    id_list = list(id_s) if isinstance(id_s, (list, tuple)) else [id_s] * len(oods)
+    n_a = id_list[0].size if id_list else 0
+    if any(a.size != n_a for a in id_list):
+        raise ValueError("Per-OOD-set ID scores must all score the same ID samples.")
+    prepared = []
+    for a, b in zip(id_list, oods):
+        scores = np.concatenate([a, b])
+        order = np.argsort(-scores, kind="mergesort")
+        sorted_scores = scores[order]
+        group_end = np.r_[np.nonzero(np.diff(sorted_scores))[0], scores.size - 1]
+        prepared.append((order, order < n_a, group_end, b.size))
+    out = {m: np.empty((n_boot, len(oods))) for m in CI_METRICS}
+    for i in range(n_boot):
+        c_id = np.bincount(rng.integers(0, n_a, n_a), minlength=n_a).astype(np.float64)
+        for j, (order, is_id, group_end, n_b) in enumerate(prepared):
+            c_ood = np.bincount(rng.integers(0, n_b, n_b), minlength=n_b).astype(np.float64)
+            w = np.concatenate([c_id, c_ood])[order]
+            tp, fp = _weighted_curves(is_id, group_end, w)
+            for m, v in _curve_metrics(tp, fp, float(n_a), float(n_b)).items():
+                out[m][i, j] = v
+    return out
+
+
+def _metrics_for(id_s: np.ndarray | list[np.ndarray], oods: dict[str, np.ndarray], ci: bool, n_boot: int, seed: int,
+                 alpha: float = 0.05) -> tuple[dict[str, dict[str, float]], dict[str, float] | None]:
+    """Per-OOD-set metrics (with CIs) and the unweighted mean over the sets (with a CI)."""
+    names = list(oods)
+    id_of = dict(zip(names, id_s)) if isinstance(id_s, (list, tuple)) else {k: id_s for k in names}
+    per = {k: evaluate(id_of[k], oods[k]) for k in names}
+    mean = {m: float(np.mean([per[k][m] for k in names])) for m in METRIC_COLUMNS} if names else None
+    if ci and names:
+        reps = bootstrap_replicates(id_s, [oods[k] for k in names], n_boot, seed)
+        q = [alpha / 2, 1 - alpha / 2]
+        for m, r in reps.items():
+            for j, k in enumerate(names):
+                per[k][f"{m}_lo"], per[k][f"{m}_hi"] = (float(v) for v in np.quantile(r[:, j], q))
+            mean[f"{m}_lo"], mean[f"{m}_hi"] = (float(v) for v in np.quantile(r.mean(axis=1), q))
+    return per, mean
 
 
 def _row(benchmark, mode, seed, det, ood, group, metrics=None, status="ok", reason="",
@@ -322,7 +385,7 @@ def run(
                 vi = vi[np.sort(rng.permutation(len(vi))[: model_tune_samples])]
                 vo = vo[np.sort(rng.permutation(len(vo))[: model_tune_samples])]
             if space:
-                tr = tune(det, fs.train, vi, vo, search_space=space)
+                tr = tune(det, fs.train, vi, vo, search_space=space, seed=seed)
                 t_tune = tr.fit_seconds + tr.score_seconds
                 t_fit = tr.fit_seconds / max(tr.n_fits, 1)  # one fit, for the breakdown
                 fitted, params = tr.detector, tr.best_params
@@ -337,9 +400,29 @@ def run(
                                 "seconds": 0.0, "note": "defaults (no search space)"
                                 if tune_params else "defaults (--no-tune)"}
             t0 = time.perf_counter()
-            s_id = fitted.score(fs.test_id)
-            s_ood = {k: fitted.score(f) for k, (_, f) in ood_sets.items()}
-            s_cov = {k: fitted.score(f) for k, f in covariate.items()} if full_spectrum else {}
+            pair_id: dict[str, dict[str, np.ndarray]] = {}
+            if is_stateful(fitted):
+                # Order-dependent (test-time memory): every test OOD set is scored as one
+                # seeded interleaved stream with the test ID set, from an empty memory, so
+                # each OOD set has its own ID scores (full-spectrum: ID + covariate sets).
+                pair_id["standard"] = {}
+                s_ood = {}
+                for k, (_, f) in ood_sets.items():
+                    pair_id["standard"][k], s_ood[k] = score_pair(fitted, fs.test_id, f, seed)
+                s_id = pair_id["standard"][next(iter(ood_sets))]
+                s_cov = {}
+                if full_spectrum and covariate:
+                    fs_id = Features.concat([fs.test_id, *covariate.values()])
+                    pair_id["full-spectrum"] = {}
+                    for k, (_, f) in ood_sets.items():
+                        pair_id["full-spectrum"][k], _ = score_pair(fitted, fs_id, f, seed)
+                    first = pair_id["full-spectrum"][next(iter(ood_sets))]
+                    ends = np.cumsum([len(fs.test_id)] + [len(f) for f in covariate.values()])
+                    s_cov = dict(zip(covariate, np.split(first, ends[:-1])[1:]))
+            else:
+                s_id = fitted.score(fs.test_id)
+                s_ood = {k: fitted.score(f) for k, (_, f) in ood_sets.items()}
+                s_cov = {k: fitted.score(f) for k, f in covariate.items()} if full_spectrum else {}
             t_score = time.perf_counter() - t0
         except Exception as exc:  # never let one detector crash the run
             msg = f"{type(exc).__name__}: {exc}".strip()
@@ -357,19 +440,17 @@ def run(
         if full_spectrum and s_cov:
             modes.append(("full-spectrum", np.concatenate([s_id, *s_cov.values()])))
         for mode, id_scores in modes:
-            by_group: dict[str, list[tuple[np.ndarray, dict]]] = {"near": [], "far": []}
-            for k, (group, _) in ood_sets.items():
-                m = _metrics(id_scores, s_ood[k], ci, n_boot, seed)
-                by_group[group].append((s_ood[k], m))
-                rows.append(_row(benchmark, mode, seed, name, k, group, m, n_id=id_scores.size,
-                                 n_ood=s_ood[k].size, params=params))
-            for group, items in by_group.items():
-                if not items:
+            for group in ("near", "far"):
+                names = [k for k, (g, _) in ood_sets.items() if g == group]
+                if not names:
                     continue
-                m = _mean_row_metrics(id_scores, [s for s, _ in items], ci, n_boot, seed,
-                                      [mm for _, mm in items])
-                rows.append(_row(benchmark, mode, seed, name, f"{group} (mean)", f"{group}_mean", m,
-                                 n_id=id_scores.size, n_ood=int(sum(s.size for s, _ in items)),
+                ids = ([pair_id[mode][k] for k in names] if mode in pair_id else id_scores)
+                per, mean = _metrics_for(ids, {k: s_ood[k] for k in names}, ci, n_boot, seed)
+                for k in names:
+                    rows.append(_row(benchmark, mode, seed, name, k, group, per[k], n_id=id_scores.size,
+                                     n_ood=s_ood[k].size, params=params))
+                rows.append(_row(benchmark, mode, seed, name, f"{group} (mean)", f"{group}_mean", mean,
+                                 n_id=id_scores.size, n_ood=int(sum(s_ood[k].size for k in names)),
                                  params=params))
     bar.close()
     for name, reason in skipped.items():
@@ -416,7 +497,7 @@ def _call_provider(bd: BenchmarkDef, options: dict[str, Any]) -> FeatureSet:
     return fs
 
 
-_USER_OPTIONS = {"model", "encoder", "finetune", "vlm", "subset"}
+_USER_OPTIONS = {"model", "encoder", "finetune", "vlm", "subset", "class_names", "data_root"}
 
 
 def run_benchmark(
@@ -447,6 +528,8 @@ def run_benchmark(
     if isinstance(benchmark, str):
         bd = get_benchmark(benchmark)
         name, default = bd.name, bd.default_detectors
+        if options.get("vlm") is not None and bd.options.get("vlm_default_detectors"):
+            default = list(bd.options["vlm_default_detectors"])  # e.g. imagenet --vlm
         known = bd.options.get("ood_names")
         if known is not None:
             check_ood_names(ood, known)  # fail before the expensive extraction

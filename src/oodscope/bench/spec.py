@@ -28,7 +28,12 @@ class FeatureSet:
     ``info`` carries facts for the report: ``id_accuracy``, ``val_ood_description``,
     ``model``, ``timings`` (seconds per extraction), anything else worth showing.
     ``detector_kwargs`` maps detector name -> extra constructor arguments (e.g. the model
-    for ODIN/GradNorm, the encoder and class names for CLIP detectors).
+    for ODIN/GradNorm, the encoder and class names for CLIP detectors). The key ``"*"``
+    holds arguments for every detector: each one receives those of its constructor
+    parameters it has (``{"model": net, "input_std": std}`` reaches ODIN and GradNorm, not
+    MSP), and a detector's own entry overrides ``"*"`` for the same argument. For a detector
+    passed as an instance, an argument is filled in only where the instance left it None.
+    A ``"model"`` argument anywhere makes the ``"model"`` field available (`fields`).
     """
 
     train: Features

@@ -26,7 +26,8 @@ import numpy as np
 from ..features import Features
 from .spec import FeatureSet, register_benchmark
 
-__all__ = ["fashion_mnist", "fashion_mnist_splits", "OPENOOD_PROTOCOLS", "openood", "patch_shuffle", "box_blur"]
+__all__ = ["fashion_mnist", "fashion_mnist_splits", "OPENOOD_PROTOCOLS", "openood", "patch_shuffle", "box_blur",
+           "model_normalization"]
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 FMNIST_OOD = {"mnist": "far", "kmnist": "far", "notmnist": "far", "gaussian-noise": "far",
@@ -127,11 +128,13 @@ class _Extractor:
     batch_size: int = 512
     progress: bool = True
     timings: dict[str, float] = field(default_factory=dict)
+    from_cache: list[str] = field(default_factory=list)
 
     def __call__(self, name: str, ds) -> Features:
         from .. import data as D
         from ..extraction import extract
 
+        before = self._cached_files()
         t0 = time.perf_counter()
         loader = D.loader(ds, batch_size=self.batch_size, shuffle=False, mean=self.mean, std=self.std)
         f = extract(self.model, loader, keep_inputs=self.keep_inputs, cache_dir=self.cache,
@@ -139,7 +142,27 @@ class _Extractor:
         if f.labels is None:
             f = f.replace(labels=np.full(len(f), -1, dtype=np.int64))
         self.timings[name] = time.perf_counter() - t0
+        if self.cache is not None and self._cached_files() == before:
+            self.from_cache.append(name)
         return f
+
+    def _cached_files(self) -> int:
+        return len(list(self.cache.glob("features-*.npz"))) if self.cache is not None and self.cache.exists() else 0
+
+
+def model_normalization(meta: dict | None, default_mean: Any, default_std: Any) -> tuple[Any, Any]:
+    """The input ``(mean, std)`` a checkpoint was trained with.
+
+    Reads ``meta["normalization"] = {"mean": ..., "std": ...}`` (what
+    `oodscope.models.reference` and `oodscope.train.fit` store), else top-level
+    ``meta["mean"]``/``meta["std"]``, else the given defaults.
+    """
+    meta = meta or {}
+    norm = meta.get("normalization")
+    norm = norm if isinstance(norm, dict) else {}
+    mean = norm.get("mean", meta.get("mean"))
+    std = norm.get("std", meta.get("std"))
+    return (default_mean if mean is None else mean), (default_std if std is None else std)
 
 
 def _wants_inputs(fields: Iterable[str] | None) -> bool:
@@ -199,7 +222,8 @@ def fashion_mnist_splits(
         except (FileNotFoundError, ValueError, KeyError) as exc:
             if wanted is not None and name in wanted:
                 raise
-            notes.append(f"{name} skipped: files not found ({str(exc).splitlines()[0][:160]})")
+            notes.append(f"{name} skipped: its files were not found (oodscope.data.find({name!r}) "
+                         f"lists where to put them): {str(exc).splitlines()[0][:120]}")
     if wanted is None or "gaussian-noise" in wanted:
         ood_sets["gaussian-noise"] = D.gaussian_noise(n_noise, (28, 28), seed=seed + 1)
         descriptions["gaussian-noise"] = "i.i.d. Gaussian pixel noise"
@@ -262,9 +286,7 @@ def fashion_mnist(
         net, meta = reference_model("fashion-mnist", cache_dir=cache_dir, train_if_missing=True, seed=seed)
         meta, source = dict(meta or {}), "the reference CNN (oodscope.models.reference_model)"
     _check_model(net, 10, (1, 28, 28), source)
-    norm = meta.get("normalization") or {}
-    mean = norm.get("mean", meta.get("mean", FMNIST_MEAN))
-    std = norm.get("std", meta.get("std", FMNIST_STD))
+    mean, std = model_normalization(meta, FMNIST_MEAN, FMNIST_STD)
 
     sp = fashion_mnist_splits(meta, seed, subset, ood, val_size, noise_size, corruption_severity,
                               data_root)
@@ -283,12 +305,14 @@ def fashion_mnist(
         covariate={k: ex(k, v) for k, v in sp["covariate"].items()},
     )
     fs.info.update(
-        model=meta.get("name", source) if isinstance(meta.get("name"), str) else source,
+        model=source + (f" — {meta['arch'].get('name')} {meta['arch'].get('kwargs', {})}"
+                        if isinstance(meta.get("arch"), dict) else ""),
         model_meta={k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))},
         val_ood_description=FMNIST_VAL_OOD,
         val_ood_reason=FMNIST_VAL_WHY,
         ood_descriptions=descriptions,
         timings=dict(ex.timings),
+        timings_from_cache=list(ex.from_cache),
         notes=notes,
         normalization={"mean": mean, "std": std},
     )
@@ -364,6 +388,10 @@ OPENOOD_PROTOCOLS: dict[str, OpenOODProtocol] = {
     "imagenet": _imagenet_protocol("imagenet", 1000),
 }
 
+#: Default detectors when an OpenOOD protocol runs with ``--vlm`` (the zero-shot ones;
+#: kept equal to `oodscope.vlm.benchmark.VLM_DETECTORS`, a test checks it).
+VLM_DEFAULT_DETECTORS = ("mcm", "glmcm", "neglabel", "adaneg")
+
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _CIFAR_MEAN, _CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 
@@ -392,16 +420,33 @@ def openood(
     progress: bool = True,
     net: Any = None,
     net_meta: dict | None = None,
+    vlm: Any = None,
+    class_names: Any = None,
 ) -> FeatureSet:
-    """An OpenOOD v1.5 protocol on the user's data and model (``--model`` is required)."""
+    """An OpenOOD v1.5 protocol on the user's data and model (``--model``), or, with
+    ``vlm`` (``--vlm hf:<model>``), embedded with a CLIP-like model for the zero-shot
+    detectors: that delegates to `oodscope.vlm.benchmark.openood_vlm` (``class_names``: the
+    ID class names in label order, a list or a file with one name a line)."""
     from ..data.dataset import ImageDataset
     from ..data.formats import read_image_list
 
     proto = OPENOOD_PROTOCOLS[protocol]
+    if vlm is not None:
+        if model is not None or net is not None:
+            raise ValueError(f"Benchmark {protocol!r}: pass either --model (a classifier) or --vlm "
+                             "(a CLIP-like model), not both.")
+        from ..vlm.benchmark import openood_vlm
+
+        return openood_vlm(protocol, vlm=vlm, class_names=class_names, data_root=data_root,
+                           subset=subset, cache_dir=cache_dir, quick=quick, seed=seed, ood=ood,
+                           fields=fields, progress=progress)
+    if class_names is not None:
+        raise ValueError(f"Benchmark {protocol!r}: class names are only used with --vlm.")
     if net is None and model is None:
         raise ValueError(
             f"Benchmark {protocol!r} evaluates your network: pass --model path/to/checkpoint "
-            "(oodscope has no pretrained weights for it).")
+            "(oodscope has no pretrained weights for it), or --vlm hf:<model> for CLIP zero-shot "
+            "detectors.")
     root = _openood_root(data_root)
     wanted = None if ood is None else {o.lower() for o in ood}
     needed = {**proto.lists}
@@ -412,7 +457,7 @@ def openood(
     if missing:
         raise FileNotFoundError(
             f"Benchmark {protocol!r} needs the OpenOOD v1.5 image lists and images under {root} "
-            f"(set OODSCOPE_DATA, whose 'openood' folder is used, or pass data_root). Missing:\n  "
+            f"(set OODSCOPE_DATA, whose 'openood' folder is used, or pass --data-root). Missing:\n  "
             + "\n  ".join(missing)
             + f"\nImages are expected under {root / proto.images}/ as listed in those files "
             "(OpenOOD's download script produces exactly this layout).")
@@ -426,9 +471,8 @@ def openood(
     meta = dict(meta or {})
     _check_model(net, proto.num_classes, (3, proto.image_size, proto.image_size), source)
     large = proto.image_size > 64
-    norm = meta.get("normalization") or {}
-    mean = norm.get("mean", meta.get("mean", _IMAGENET_MEAN if large else _CIFAR_MEAN))
-    std = norm.get("std", meta.get("std", _IMAGENET_STD if large else _CIFAR_STD))
+    mean, std = model_normalization(meta, _IMAGENET_MEAN if large else _CIFAR_MEAN,
+                                    _IMAGENET_STD if large else _CIFAR_STD)
     size = (proto.image_size, proto.image_size)
 
     def load(key: str, rel: str):
@@ -452,7 +496,8 @@ def openood(
         model=source, val_ood_description=proto.val_ood_description,
         val_ood_reason="The OpenOOD v1.5 protocol: hyperparameters are chosen on this validation "
                        "OOD set, which shares no image with any test OOD set.",
-        timings=dict(ex.timings), normalization={"mean": mean, "std": std},
+        timings=dict(ex.timings), timings_from_cache=list(ex.from_cache),
+        normalization={"mean": mean, "std": std},
         notes=[f"OpenOOD v1.5 protocol {protocol!r}, data from {root}"],
     )
     fs.detector_kwargs["*"] = {"model": net, "input_std": std}
@@ -469,8 +514,9 @@ def _register_openood() -> None:
             name, provider,
             f"OpenOOD v1.5 {name}: near {'/'.join(proto.near)}, far {'/'.join(proto.far)}"
             + (f", covariate {'/'.join(proto.covariate)}" if proto.covariate else "")
-            + "; needs --model and the data",
+            + "; needs --model (or --vlm) and the data",
             ood_names=[*proto.near, *proto.far, *proto.covariate],
+            vlm_default_detectors=list(VLM_DEFAULT_DETECTORS),
         )
 
 

@@ -8,6 +8,8 @@ float64 copy; scoring is chunked too and done with float32 GEMMs.
 
 from __future__ import annotations
 
+import hashlib
+
 import math
 from typing import Any, Callable
 
@@ -395,17 +397,35 @@ class _InnerProductIndex:
             index.add(np.ascontiguousarray(rows(sl)))
         self.index = index
 
+    _CACHE_ENTRIES = 4
+
     def search(
         self, queries: np.ndarray, k: int, chunk_size: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """(values, ids) of the k largest inner products per query, values descending.
-        Missing neighbours (approximate index, too few probed) get value −inf and id −1."""
+        Missing neighbours (approximate index, too few probed) get value −inf and id −1.
+
+        The last few results are kept, keyed by the queries' bytes: asking again for the
+        same queries with the same or a smaller k slices the stored result instead of
+        searching again. Hyperparameter tuning over k (largest k first) thus costs one
+        search per validation split.
+        """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        cache = self.__dict__.setdefault("_cache", {})
+        key = (queries.shape, hashlib.blake2b(queries.data, digest_size=16).hexdigest())
+        hit = cache.get(key)
+        if hit is not None and hit[0].shape[1] >= k:
+            return hit[0][:, :k], hit[1][:, :k]
         if self.index is not None:
             vals, ids = self.index.search(queries, k)
             vals = np.where(ids < 0, -np.inf, vals)
-            return vals, ids
-        return _numpy_topk_ip(self.bank, queries, k, chunk_size)
+        else:
+            vals, ids = _numpy_topk_ip(self.bank, queries, k, chunk_size)
+        cache.pop(key, None)
+        cache[key] = (vals, ids)
+        while len(cache) > self._CACHE_ENTRIES:
+            cache.pop(next(iter(cache)))
+        return vals, ids
 
 
 def _normalized_rows(features: np.ndarray) -> Callable[[Any], np.ndarray]:
@@ -510,6 +530,7 @@ class KNN(Detector):
     requires = frozenset({"features"})
     fit_fields = frozenset({"features"})
     search_space = {"k": [1, 5, 10, 20, 50, 100, 200, 500, 1000]}
+    score_params = frozenset({"k"})  # k does not change the fitted index
     reference = "Sun et al., Out-of-Distribution Detection with Deep Nearest Neighbors, ICML 2022"
 
     def __init__(
@@ -620,6 +641,7 @@ class NNGuide(Detector):
     requires = frozenset({"features", "logits"})
     fit_fields = frozenset({"features", "logits"})
     search_space = {"k": [1, 5, 10, 20, 50, 100]}
+    score_params = frozenset({"k"})
     reference = (
         "Park et al., Nearest Neighbor Guidance for Out-of-Distribution Detection, ICCV 2023"
     )
@@ -683,6 +705,9 @@ class _PrincipalResidual(Detector):
 
     requires = frozenset({"features", "head"})
     fit_fields = frozenset({"features", "head"})
+    #: ``None`` = the paper's rule (`vim_default_dim`); sizes >= the feature width are
+    #: skipped by the tuner with their error recorded.
+    search_space = {"dim": [None, 8, 16, 32, 64, 128, 256, 512, 1000]}
 
     def __init__(self, dim: int | None = None, chunk_size: int | None = None):
         self.dim = dim
@@ -877,10 +902,12 @@ class Relation(Detector):
     requires = frozenset({"features", "logits"})
     fit_fields = frozenset({"features", "logits"})
     search_space = {"pow": [1, 2, 4, 8, 16]}
+    score_params = frozenset({"pow"})  # pow only shapes the sum over the relation matrix
     reference = (
         "Kim et al., Neural Relation Graph: A Unified Framework for Identifying Label "
         "Noise and Outlier Data, NeurIPS 2023"
     )
+    _CACHE_ENTRIES = 4
 
     def __init__(
         self,
@@ -908,11 +935,44 @@ class Relation(Detector):
         self.bank_probs_ = map_chunks(lambda sl: softmax(sub.logits[sl], axis=1), len(sub)).astype(
             np.float32
         )
+        # Shared by shallow copies (the tuner's score-time candidates); emptied by a refit.
+        self._score_cache_: dict[Any, dict[float, np.ndarray]] = {}
+        self._planned_pows_: list[float] = []
+
+    def _plan_score_params(self, values: dict[str, list[Any]]) -> None:
+        """Announce the ``pow`` values about to be scored (the tuner calls this): the first
+        score of a query set then sums the relation matrix for all of them in one pass."""
+        self._planned_pows_[:] = [float(p) for p in values.get("pow", ()) if isinstance(p, (int, float))]
 
     def _score(self, x: Features) -> np.ndarray:
+        """Σ_j r_j^pow. The relation matrix is computed once per query set for every planned
+        ``pow`` and the per-query sums are kept (the last few query sets, keyed by their
+        bytes), so tuning over ``pow`` costs one pass per validation split."""
+        pow_ = float(self.pow)
+        feats = np.ascontiguousarray(x.features)
+        logits = np.ascontiguousarray(x.logits)
+        key = (
+            feats.shape,
+            float(self.threshold),
+            hashlib.blake2b(feats.data, digest_size=16).hexdigest(),
+            hashlib.blake2b(logits.data, digest_size=16).hexdigest(),
+        )
+        cache = self.__dict__.get("_score_cache_")
+        if cache is not None and key in cache and pow_ in cache[key]:
+            return cache[key][pow_].copy()
+        pows = [pow_] + [p for p in dict.fromkeys(getattr(self, "_planned_pows_", ())) if p != pow_]
+        sums = self._relation_sums(x, pows)
+        if cache is not None:
+            cache.pop(key, None)
+            cache[key] = sums
+            while len(cache) > self._CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
+        return sums[pow_].copy()
+
+    def _relation_sums(self, x: Features, pows: list[float]) -> dict[float, np.ndarray]:
         n_bank = len(self.bank_features_)
         rows = max(1, (1 << 24) // max(n_bank, 1))
-        out = np.empty(len(x))
+        out = {p: np.empty(len(x)) for p in pows}
         for sl in iter_chunks(len(x), rows):
             z = _normalized32(x.features[sl])
             p = softmax(x.logits[sl], axis=1).astype(np.float32)
@@ -920,7 +980,12 @@ class Relation(Detector):
             np.maximum(rel, 0.0, out=rel)
             rel *= p @ self.bank_probs_.T
             rel *= rel > self.threshold
-            out[sl] = _power(rel, self.pow).sum(1, dtype=np.float64)
+            last = len(pows) - 1
+            for i, q in enumerate(pows):
+                # _power works in place for non-integer exponents: keep rel for the others
+                in_place = not (float(q).is_integer() and 1 <= q <= 64)
+                base = rel.copy() if in_place and i != last else rel
+                out[q][sl] = _power(base, q).sum(1, dtype=np.float64)
         return out
 
 

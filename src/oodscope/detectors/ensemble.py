@@ -11,10 +11,16 @@ are first mapped to a common one with statistics learned on held-out in-distribu
 Both are per-sample maps, so a sample's fused score never depends on the rest of the batch.
 The calibration statistics come from a held-out part of the training Features, because a
 member scored on its own training data is optimistic (a KNN sample is its own neighbour).
+
+``method`` and ``weights`` only act at score time: ``fit`` keeps the sorted calibration
+scores (enough for both maps) and the members' raw scores of the last few query sets are
+cached (keyed by the query arrays' bytes), so tuning ``method`` fits and scores the members
+once.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Sequence
 
 import numpy as np
@@ -120,6 +126,7 @@ class Ensemble(Detector):
     fit_requirements = _FitRequirements(frozenset({"logits", "features", "labels"}), _members_fit_requirements)
     all_requirements = _AllRequirements(None, _all_requirements)
     search_space = {"method": ["zscore", "rank"]}
+    score_params = frozenset({"method", "weights"})  # neither changes what fit learns
     test_params = {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"}
     reference = (
         "Score fusion of OOD detectors (z-score / rank averaging); see e.g. Haroush et al., "
@@ -192,6 +199,8 @@ class Ensemble(Detector):
         return super().fit(train, **kwargs)
 
     # ------------------------------------------------------------ fit / score
+    _CACHE_ENTRIES = 4
+
     def _fit(self, train: Features | None) -> None:
         members = [_build_member(spec) for spec in self._member_specs()]
         if train is None:  # only members that learn nothing (fit_requirements empty)
@@ -208,31 +217,79 @@ class Ensemble(Detector):
             raise ValueError(
                 "Ensemble.fit needs in-distribution Features to calibrate the members' scores."
             )
-        stats = []
-        for spec, m in zip(self._member_specs(), members):
+        sorted_scores, zstats = [], []
+        for m in members:
             m.fit(fit_part if m.fit_requirements() else None)
             s = np.sort(m.score(calib))
-            if self.method == "zscore":
-                std = float(np.std(s))
-                scale = max(abs(float(np.mean(s))), 1.0)
-                # constant calibration scores: keep the member but only as a shift
-                stats.append((float(np.mean(s)), std if std > 1e-12 * scale else 1.0))
-            else:
-                stats.append(s)
-        w = np.ones(len(members)) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+            sorted_scores.append(s)
+            std = float(np.std(s))
+            scale = max(abs(float(np.mean(s))), 1.0)
+            # constant calibration scores: keep the member but only as a shift
+            zstats.append((float(np.mean(s)), std if std > 1e-12 * scale else 1.0))
         self.members_ = members
-        self.calibration_ = stats
-        self.weights_ = w / w.sum()
+        self.calibration_sorted_ = sorted_scores
+        self.calibration_zscore_ = zstats
+        # Shared by shallow copies (the tuner's score-time candidates); emptied by a refit.
+        self._raw_cache_: dict[Any, np.ndarray] = {}
+
+    @property
+    def calibration_(self) -> list[Any]:
+        """Per member: ``(mean, std)`` for ``"zscore"``, the sorted scores for ``"rank"``."""
+        return self.calibration_zscore_ if self.method == "zscore" else self.calibration_sorted_
+
+    @property
+    def weights_(self) -> np.ndarray:
+        """Member weights normalised to sum to one."""
+        n = len(self.members_)
+        w = np.ones(n) if self.weights is None else np.asarray(self.weights, dtype=np.float64)
+        if w.shape != (n,) or not (np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0):
+            raise ValueError(f"weights must be {n} non-negative numbers with a positive sum, got {self.weights!r}.")
+        return w / w.sum()
+
+    def _query_key(self, x: Features) -> Any:
+        parts: list[Any] = [len(x)]
+        for name in sorted(set(self.requires) - {"model", "labels"}):
+            if name == "head":
+                arrays = [x.head_weight, x.head_bias]
+            elif name in ("features", "logits"):
+                arrays = [getattr(x, name)]
+            else:
+                arrays = [x.extras.get(name)]
+            for a in arrays:
+                if a is None:
+                    parts.append(None)
+                    continue
+                a = np.ascontiguousarray(a)
+                parts.append((name, a.shape, a.dtype.str,
+                              hashlib.blake2b(a.data, digest_size=16).hexdigest()))
+        return tuple(parts)
+
+    def raw_member_scores(self, x: Features) -> np.ndarray:
+        """``(N, M)`` raw score of every member (cached for the last few query sets)."""
+        cache = self.__dict__.get("_raw_cache_")
+        key = self._query_key(x) if cache is not None else None
+        if cache is not None and key in cache:
+            return cache[key]
+        raw = np.stack([np.asarray(m.score(x), dtype=np.float64) for m in self.members_], axis=1)
+        if cache is not None:
+            cache[key] = raw
+            while len(cache) > self._CACHE_ENTRIES:
+                cache.pop(next(iter(cache)))
+        return raw
 
     def member_scores(self, x: Features) -> np.ndarray:
         """``(N, M)`` normalised score of every member (before weighting)."""
+        if self.method not in ("zscore", "rank"):
+            raise ValueError(f"method must be 'zscore' or 'rank', got {self.method!r}.")
+        raw = self.raw_member_scores(x)
         cols = []
-        for m, stat in zip(self.members_, self.calibration_):
-            s = m.score(x)
+        for j in range(raw.shape[1]):
+            s = raw[:, j]
             if self.method == "zscore":
-                mean, std = stat
+                mean, std = self.calibration_zscore_[j]
                 cols.append((s - mean) / std)
             else:
+                stat = self.calibration_sorted_[j]
                 below = np.searchsorted(stat, s, side="left")
                 at_or_below = np.searchsorted(stat, s, side="right")
                 cols.append((below + at_or_below) / (2.0 * len(stat)))  # mid-rank for ties

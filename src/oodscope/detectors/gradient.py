@@ -134,7 +134,8 @@ class ODIN(_PerturbedSoftmax):
 
     ``x̃ = x − ε·sign(∇ₓ CE(f(x)/T, ŷ))``, score ``max softmax(f(x̃)/T)``, with ``ŷ`` the
     predicted class. ``input_std`` (per-channel normalisation std) expresses ε in raw pixel
-    units, as the original code does for normalised images.
+    units, as the original code does for normalised images. Elements with an exactly zero
+    gradient do not move (``sign(0) = 0``; the original code moves them by −ε).
     """
 
     search_space = {

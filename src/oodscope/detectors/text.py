@@ -28,6 +28,16 @@ def _texts(f: Features, who: str) -> list[str]:
     return [str(t) for t in arr.tolist()]
 
 
+class _FitRequirements:
+    """``fit`` needs ID text only when it has to fine-tune the LM itself; with a given
+    fine-tuned model ``fit()`` may be called without data."""
+
+    def __get__(self, obj: Any, cls: type) -> Any:
+        if obj is not None and obj.finetuned_model is not None:
+            return lambda: frozenset()
+        return lambda: frozenset({"text"})
+
+
 @register("lm_ratio", "llm_ratio", "likelihood_ratio")
 class LMLikelihoodRatio(Detector):
     """Likelihood ratio of a fine-tuned and a base causal LM:
@@ -49,7 +59,8 @@ class LMLikelihoodRatio(Detector):
     """
 
     requires = frozenset({"text"})
-    fit_fields = None  # fit(train) is only needed when no fine-tuned model is given
+    fit_fields = frozenset({"text"})
+    fit_requirements = _FitRequirements()
     search_space: dict[str, list[Any]] = {}
     reference = ("Zhang et al. (2024), Your Finetuned Large Language Model is Already a Powerful "
                  "Out-of-distribution Detector")
@@ -85,7 +96,7 @@ class LMLikelihoodRatio(Detector):
         if self.finetuned_model is not None:
             finetuned, _ = load_causal_lm(self.finetuned_model, tok, self.device)
         else:
-            if train is None or not train.has("text"):
+            if train is None:
                 raise ValueError(
                     "lm_ratio without finetuned_model= fine-tunes the base LM in fit(train); pass "
                     "in-distribution Features with extras['text'] (oodscope.text.extract(..., keep_text=True))."

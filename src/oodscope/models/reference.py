@@ -5,6 +5,14 @@ the recipe below (about 91-92% test accuracy; a few minutes on two CPU cores) an
 checkpoint under ``~/.cache/oodscope/models`` (``$OODSCOPE_CACHE/models``). The file name
 holds a hash of the recipe, so changing the recipe trains a new model instead of reusing a
 stale one. A lock file keeps two processes from training the same model at once.
+
+Held-out validation images: a recipe with ``"val_holdout": n`` sets aside ``n`` training
+images before training (a stratified sample: every class keeps its share, drawn with the
+training seed, see `holdout_split`) and trains on the rest. The checkpoint's
+``meta["val_indices"]`` lists the held-out positions in the training split (sorted ints), so a
+benchmark can use them as ID-validation images the network never saw; ``meta["train_size"]``
+is the number of images it was trained on. The normalisation statistics come from the
+training part only.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ import json
 import time
 from pathlib import Path
 
-__all__ = ["RECIPES", "reference_model", "reference_path", "train_reference"]
+__all__ = ["RECIPES", "holdout_split", "reference_model", "reference_path", "train_reference"]
 
 _SMALL = {"model": "small_cnn", "model_kwargs": {"width": 32, "feature_dim": 128}, "epochs": 5,
           "batch_size": 128, "optimizer": "adam", "lr": 2e-3, "weight_decay": 0.0, "schedule": "cosine",
@@ -23,7 +31,8 @@ _SMALL = {"model": "small_cnn", "model_kwargs": {"width": 32, "feature_dim": 128
 
 #: default training recipe per dataset
 RECIPES: dict[str, dict] = {
-    "fashion-mnist": dict(_SMALL),
+    # 5,000 of the 60,000 training images are held out as the benchmark's ID-validation set
+    "fashion-mnist": dict(_SMALL, val_holdout=5000),
     "mnist": dict(_SMALL, epochs=3),
     "kmnist": dict(_SMALL),
     "cifar10": {"model": "resnet18_cifar", "model_kwargs": {}, "epochs": 30, "batch_size": 128,
@@ -34,6 +43,38 @@ RECIPES: dict[str, dict] = {
 
 def _recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def holdout_split(labels, n_val: int, seed: int = 0):
+    """Split positions ``0..len(labels)-1`` into ``(train_idx, val_idx)``, both sorted int64.
+
+    ``val_idx`` holds ``n_val`` positions drawn without replacement, stratified by label:
+    each class gets ``n_val * class_count / N`` of them (largest remainders get the leftover
+    places, ties to the smaller class id), drawn at random within the class. The same
+    ``labels``, ``n_val`` and ``seed`` always give the same split.
+    """
+    import numpy as np
+
+    labels = np.asarray(labels)
+    n = len(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}.")
+    if not isinstance(n_val, (int, np.integer)) or isinstance(n_val, bool) or not 0 < n_val < n:
+        raise ValueError(f"n_val must be an integer in [1, {n - 1}] (the number of training images "
+                         f"to hold out), got {n_val!r}.")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n_val * counts / n
+    take = np.floor(exact).astype(np.int64)
+    leftover = int(n_val - take.sum())
+    if leftover:
+        order = np.lexsort((classes, -(exact - take)))  # largest remainder first
+        take[order[:leftover]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    val_idx = np.sort(np.concatenate(picked)).astype(np.int64)
+    mask = np.ones(n, bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), val_idx
 
 
 def reference_path(dataset: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
@@ -77,6 +118,12 @@ def train_reference(dataset: str = "fashion-mnist", seed: int = 0, progress: boo
     recipe = dict(_recipe(dataset), **overrides)
     train = odata.load(dataset, "train")
     test = odata.load(dataset, "test")
+    val_idx = None
+    if recipe.get("val_holdout"):
+        if train.labels is None:
+            raise ValueError(f"{dataset} train split has no labels, so it cannot be split stratified.")
+        train_idx, val_idx = holdout_split(train.labels, int(recipe["val_holdout"]), seed)
+        train = train.subset(train_idx, name=f"{dataset}/train-minus-val")
     mean, std = odata.channel_stats(train)
     torch.manual_seed(seed)
     model = create(recipe["model"], num_classes=len(train.classes) or train.num_classes,
@@ -97,8 +144,12 @@ def train_reference(dataset: str = "fashion-mnist", seed: int = 0, progress: boo
         "normalization": {"mean": mean, "std": std},
         "test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"],
         "train_time_s": round(train_time, 1), "torch_threads": torch.get_num_threads(),
-        "torch_version": torch.__version__, "history": history,
+        "torch_version": torch.__version__, "history": history, "train_size": len(train),
     }
+    if val_idx is not None:
+        meta["val_indices"] = [int(i) for i in val_idx]
+        meta["val_holdout"] = {"size": len(val_idx), "method": "stratified by class",
+                               "seed": seed, "split": "train"}
     return model.cpu().eval(), meta
 
 

@@ -136,9 +136,14 @@ def _timing_html(result) -> str:
     parts = []
     if ext:
         total = sum(float(v) for v in ext.values() if isinstance(v, (int, float)))
-        rows = [[k, f"{float(v):.2f}"] for k, v in ext.items() if isinstance(v, (int, float))]
+        cached = set(info.get("timings_from_cache") or [])
+        rows = [[k + (" (loaded from the feature cache)" if k in cached else ""), f"{float(v):.2f}"]
+                for k, v in ext.items() if isinstance(v, (int, float))]
         rows.append(["total (one pass per split)", f"{total:.2f}"])
-        parts.append("<h3>Extraction (network runs once per split)</h3>" + _table(["split", "seconds"], rows))
+        note = ("<p class=\"small\">Splits marked as loaded from the cache did not run the network in "
+                "this run; delete the cache (--cache-dir) to time the extraction.</p>" if cached else "")
+        parts.append("<h3>Extraction (network runs once per split)</h3>" + note
+                     + _table(["split", "seconds"], rows))
     rows = []
     for t in result.timings:
         rows.append([t["detector"] + (" (re-runs the network)" if t.get("uses_model") else ""),

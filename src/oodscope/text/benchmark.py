@@ -6,7 +6,10 @@ paper): fit on the in-scope ``train`` split, tune detector hyperparameters on in
 written by the same crowd workers for the same assistant, so they are *near* OOD.
 
 Provider options: ``encoder`` (spec for `oodscope.text.load_encoder`; default the packaged
-all-MiniLM-L6-v2), ``finetune`` (``False``/"none", ``True``/"ce", "supcon", "margin"),
+all-MiniLM-L6-v2), ``finetune`` (``False``/"none", ``True``/"ce", "supcon", "margin"; the default
+"auto" fine-tunes the default MiniLM encoder with "ce" for 300 steps on full runs — the
+setting that reaches AUROC 98 / FPR@95 8 — and keeps it frozen for ``subset``/``quick``
+runs and for other encoders),
 ``variant`` (full/small/imbalanced/oos_plus), ``subset`` (max samples per split, for quick
 runs), ``cache_dir``, ``head`` ("linear" or "mlp"), ``lm`` (causal-LM name/path for the
 ``lm_ratio`` detector; texts are kept in ``extras["text"]`` then).
@@ -22,13 +25,13 @@ from typing import Any
 import numpy as np
 
 from ..bench.spec import FeatureSet, register_benchmark
+from ..features import Features
 from .data import load_clinc150
 from .encoders import SentenceEncoder, default_cache_dir, encode_cached, load_encoder
 from .extract import text_array
 from .heads import ClassifierHead
-from ..features import Features
 
-__all__ = ["clinc150_provider", "parse_finetune", "DEFAULT_DETECTORS"]
+__all__ = ["DEFAULT_DETECTORS", "clinc150_provider", "parse_finetune"]
 
 DEFAULT_DETECTORS = [
     "msp", "maxlogit", "energy", "gen", "react", "knn", "mahalanobis", "rmds", "vim", "residual",
@@ -82,13 +85,44 @@ def _finetuned_encoder(enc: SentenceEncoder, texts: list[str], labels: np.ndarra
     return new
 
 
-def clinc150_provider(encoder: Any = None, finetune: Any = False, variant: str = "full",
+def _fitted_head(train: Features, val: Features, kind: str, seed: int, fingerprint: str,
+                 cache_dir: Path | None) -> ClassifierHead:
+    """Fit the head on train (tuned on val), or reload the identical fit from the cache."""
+    if kind == "linear":
+        clf = ClassifierHead(seed=seed)
+    else:  # kept small: an MLP search is much slower than the linear one on CPU
+        clf = ClassifierHead(hidden=512, weight_decay=(1e-4, 1e-2), epochs=20, seed=seed)
+    h = hashlib.sha256(f"{fingerprint}|{kind}|{seed}|{clf.weight_decay}|{clf.hidden}|{clf.max_iter}".encode())
+    for f in (train, val):
+        h.update(np.ascontiguousarray(f.features).tobytes())
+        h.update(np.ascontiguousarray(f.labels).tobytes())
+    path = (cache_dir or default_cache_dir()) / "text_heads" / f"{h.hexdigest()[:24]}.npz"
+    if path.exists():
+        try:
+            return ClassifierHead.load(path)
+        except Exception:  # unreadable cache entry: refit
+            pass
+    clf.fit(train, None, val, val.labels)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    clf.save(path)
+    return clf
+
+
+def clinc150_provider(encoder: Any = None, finetune: Any = "auto", variant: str = "full",
                       subset: int | None = None, cache_dir: str | Path | None = None, head: str = "linear",
                       lm: str | None = None, finetune_steps: int = 300, seed: int = 0,
-                      fields: set[str] | None = None, **_ignored: Any) -> FeatureSet:
+                      fields: set[str] | None = None, quick: bool | None = None,
+                      **_ignored: Any) -> FeatureSet:
     """Build the CLINC150 `FeatureSet` (embeddings -> head -> logits) for every split."""
     timings: dict[str, float] = {}
+    if finetune is None or finetune == "auto":
+        finetune = "ce" if encoder is None and subset is None and not quick else "none"
     ds = load_clinc150(variant).subsample(subset, seed=0)
+    if subset is not None:  # a small random subset can miss classes: keep val/test to seen ones
+        seen = np.unique(ds["train"].labels)
+        for k in ("val", "test"):
+            s = ds.splits[k]
+            ds.splits[k] = s.subset(np.flatnonzero(np.isin(s.labels, seen)))
     enc = load_encoder(encoder)
     cache = Path(cache_dir) if cache_dir else None
     objective = parse_finetune(finetune)
@@ -114,8 +148,7 @@ def clinc150_provider(encoder: Any = None, finetune: Any = False, variant: str =
     if head not in ("linear", "mlp"):
         raise ValueError(f"head must be 'linear' or 'mlp', got {head!r}.")
     t = time.time()
-    clf = ClassifierHead(hidden=None if head == "linear" else [512, 1024], seed=seed)
-    clf.fit(raw["train"], None, raw["val"], raw["val"].labels)
+    clf = _fitted_head(raw["train"], raw["val"], head, seed, enc.fingerprint(), cache)
     timings["head"] = round(time.time() - t, 2)
     out = {k: clf.apply(v) for k, v in raw.items()}
     meta = {"label_names": ds.label_names, "encoder": enc.fingerprint()}

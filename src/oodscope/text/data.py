@@ -16,25 +16,24 @@ import csv
 import hashlib
 import json
 import os
-import urllib.request
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
 __all__ = [
-    "TextSplit",
+    "CLINC150_VARIANTS",
     "TextDataset",
-    "validate_texts",
+    "TextSplit",
     "find_dataset_dir",
-    "load_clinc150",
-    "load_text_file",
-    "load_text_dataset",
     "load_banking77_oos",
+    "load_clinc150",
     "load_clinc_single_domain_oos",
     "load_rostd",
-    "CLINC150_VARIANTS",
+    "load_text_dataset",
+    "load_text_file",
+    "validate_texts",
 ]
 
 #: Label marking out-of-scope / unknown samples.
@@ -69,7 +68,7 @@ class TextSplit:
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, index: Sequence[int] | np.ndarray) -> "TextSplit":
+    def subset(self, index: Sequence[int] | np.ndarray) -> TextSplit:
         index = np.asarray(index, dtype=np.int64)
         return TextSplit([self.texts[i] for i in index], self.labels[index])
 
@@ -95,7 +94,7 @@ class TextDataset:
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def subsample(self, n: int | None, seed: int = 0) -> "TextDataset":
+    def subsample(self, n: int | None, seed: int = 0) -> TextDataset:
         """At most ``n`` random samples per split (for quick runs); ``None`` keeps everything."""
         if n is None:
             return self
@@ -171,10 +170,13 @@ def _clinc_file(variant: str, root: str | Path | None, download: bool) -> Path:
             f"Download it from {url} into one of those folders, or pass download=True."
         )
     target.parent.mkdir(parents=True, exist_ok=True)
+    import urllib.request
+
     tmp = target.with_suffix(".part")
     try:
-        urllib.request.urlretrieve(url, tmp)  # noqa: S310 - fixed https URL
+        urllib.request.urlretrieve(url, tmp)
     except Exception as exc:
+        tmp.unlink(missing_ok=True)
         raise FileNotFoundError(
             f"CLINC150 file {fname} is not available locally and downloading {url} failed ({exc}). "
             f"Put {fname} in $OODSCOPE_DATA/clinc150/ or {target.parent}/."

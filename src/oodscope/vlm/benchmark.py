@@ -362,7 +362,8 @@ def openood_vlm(
     seeded; None = all) feeds COOkeD's linear probe."""
     from ..bench.vision import OPENOOD_PROTOCOLS, _openood_root
 
-    encoder = _require_vlm(vlm, f"{protocol}-vlm", cache_dir)
+    if vlm is None:
+        _require_vlm(vlm, f"{protocol}-vlm", cache_dir)  # the "pass --vlm" message
     proto = OPENOOD_PROTOCOLS[protocol]
     root = _openood_root(data_root)
     if subset is None and quick:
@@ -376,10 +377,13 @@ def openood_vlm(
     if missing:
         raise FileNotFoundError(
             f"Benchmark {protocol}-vlm needs the OpenOOD v1.5 image lists and images under {root} "
-            "(set OODSCOPE_DATA, whose 'openood' folder is used). Missing:\n  " + "\n  ".join(missing))
+            "(set OODSCOPE_DATA, whose 'openood' folder is used, or pass --data-root). Missing:\n  "
+            + "\n  ".join(missing))
     names = _openood_class_names(protocol, root, class_names)
     if len(names) != proto.num_classes:
         raise ValueError(f"{len(names)} class names for the {proto.num_classes} classes of {protocol}.")
+    # the model loads only once the data is known to be there
+    encoder = _require_vlm(vlm, f"{protocol}-vlm", cache_dir)
     rng = np.random.default_rng(seed)
 
     def split(key: str, rel: str, per_class: int | None = None):
