@@ -367,11 +367,9 @@ def _split_output(out: Any) -> dict[str, Any]:
         if "logits" not in out:
             raise ValueError(f"Model returned a dict without 'logits' (keys: {list(out)}).")
         return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim >= 1}
-    if isinstance(out, (list, tuple)) and out and isinstance(out[0], torch.Tensor):
-        return {"logits": out[0]}
-    if hasattr(out, "logits"):  # HF ModelOutput
-        return {"logits": out.logits}
-    raise ValueError(f"Cannot read logits from a model output of type {type(out).__name__}.")
+    from ._outputs import logits_of
+
+    return {"logits": logits_of(out)}
 
 
 def iter_chunks(n: int, chunk: int) -> Iterable[slice]:

@@ -214,7 +214,7 @@ def _load_images(paths: list[Path], size: tuple[int, int] | None, mode: str | No
     if mode is None:
         mode = "L" if all(im.mode in ("L", "1", "I;16", "I", "LA") for im in arrays) else "RGB"
     out = []
-    for im, p in zip(arrays, kept):
+    for im in arrays:
         im = im.convert(mode)
         if size is not None and im.size != (size[1], size[0]):
             im = im.resize((size[1], size[0]), Image.BILINEAR)

@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from .._outputs import logits_of
+
 __all__ = ["Adapted", "adapt"]
-
-
-def _logits(out):
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    if hasattr(out, "logits"):
-        return out.logits
-    raise ValueError(f"Cannot read logits from a model output of type {type(out).__name__}.")
 
 
 class Adapted(nn.Module):
@@ -45,10 +34,10 @@ class Adapted(nn.Module):
 
     def forward(self, x):
         self._captured = None
-        logits = _logits(self.model(x))
+        logits = logits_of(self.model(x))
         if self.penultimate is None:
             return logits
-        feats = _logits(self._captured) if self._captured is not None else None
+        feats = logits_of(self._captured) if self._captured is not None else None
         if feats is None:
             raise ValueError(f"Layer {self.penultimate!r} did not run in the forward pass.")
         feats = feats.flatten(1)

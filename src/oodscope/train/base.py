@@ -85,10 +85,8 @@ class CrossEntropy(Objective):
     def loss(self, model, x, y, x_out=None):
         import torch.nn.functional as F
 
-        logits = model(x)
-        if isinstance(logits, (tuple, list)):
-            logits = logits[0]
-        elif isinstance(logits, dict):
-            logits = logits["logits"]
+        from .._outputs import logits_of
+
+        logits = logits_of(model(x))
         loss = F.cross_entropy(logits, y, label_smoothing=self.label_smoothing)
         return loss, {"ce": float(loss.detach())}

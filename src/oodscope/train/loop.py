@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .._outputs import logits_of
+
 __all__ = ["NonFiniteLossError", "evaluate", "fit"]
 
 
@@ -26,17 +28,6 @@ def _torch():
     import torch
 
     return torch
-
-
-def _logits(out):
-    torch = _torch()
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, dict):
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out.logits
 
 
 def _as_loader(data, batch_size: int, shuffle: bool, seed: int, mean=None, std=None, what: str = "data",
@@ -151,7 +142,7 @@ def evaluate(model, data, device: str = "cpu", batch_size: int = 512, mean=None,
             keep = y >= 0
             if not bool(keep.any()):
                 continue
-            logits = _logits(model(x))[keep]
+            logits = logits_of(model(x))[keep]
             y = y[keep]
             loss_sum += float(F.cross_entropy(logits.float(), y, reduction="sum"))
             correct += int((logits.argmax(1) == y).sum())

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._outputs import logits_of
 from .base import CrossEntropy, Objective, register_objective
 from .heads import AbeTHead, ZScoreHead, attach_abet_head, attach_zscore_head, classifier_head
 
@@ -28,14 +29,6 @@ __all__ = ["CrossEntropy", "OutlierExposure", "MixOE", "LogitNorm", "AbeT", "PAL
 
 
 # --------------------------------------------------------------------------- helpers
-def _logits(out: Any) -> torch.Tensor:
-    if isinstance(out, dict):
-        return out["logits"]
-    if isinstance(out, (tuple, list)):
-        return out[0]
-    return out
-
-
 def _forward_with_features(model: nn.Module, x: torch.Tensor) -> tuple[Any, torch.Tensor]:
     """Run ``model(x)``; return its output and the input of its classifier head."""
     from ..extraction import find_head
@@ -149,7 +142,7 @@ class OutlierExposure(_Stepped):
     def loss(self, model, x, y, x_out=None):
         step = self._tick()
         x_out = _require_outliers("Outlier Exposure", x, x_out)
-        logits = _logits(model(torch.cat([x, x_out])))
+        logits = logits_of(model(torch.cat([x, x_out])))
         li, lo = logits[: len(x)], logits[len(x):]
         ce = F.cross_entropy(li, y)
         if self.regularizer == "energy":
@@ -242,7 +235,7 @@ class MixOE(_Stepped):
         a = torch.tensor(float(self.alpha))
         lam = float(torch.distributions.Beta(a, a).sample())
         mixed, target, lam = mix_batch(x, y, x_out, lam, num_classes, self.mode)
-        logits = _logits(model(torch.cat([x, mixed])))
+        logits = logits_of(model(torch.cat([x, mixed])))
         ce = F.cross_entropy(logits[: len(x)], y)
         mix = _soft_cross_entropy(logits[len(x):], target)
         loss = ce + self.beta * mix
@@ -270,7 +263,7 @@ class LogitNorm(_Stepped):
 
     def loss(self, model, x, y, x_out=None):
         step = self._tick()
-        logits = _logits(model(x))
+        logits = logits_of(model(x))
         norms = logits.norm(p=2, dim=1, keepdim=True) + 1e-7
         loss = F.cross_entropy(logits / (norms * self.tau), y)
         _check_finite(loss, "LogitNorm", step, "all-zero or non-finite logits.")
@@ -497,7 +490,7 @@ class ASCOOD(_Stepped):
     def saliency(self, model, x, y) -> torch.Tensor:
         """``d logit_y / d x`` per sample (no parameter gradients are kept)."""
         xg = x.detach().clone().requires_grad_(True)
-        logits = _logits(model(xg))
+        logits = logits_of(model(xg))
         (g,) = torch.autograd.grad(logits.gather(1, y.unsqueeze(1)).sum(), xg)
         return g.detach()
 
@@ -547,7 +540,7 @@ class ASCOOD(_Stepped):
                              "ASCOOD().setup(model, num_classes) first.")
         g = self.saliency(model, x, y)
         x_ood, m = self.synthesize(x, g)
-        logits = _logits(model(torch.cat([x, x_ood])))
+        logits = logits_of(model(torch.cat([x, x_ood])))
         ce = F.cross_entropy(logits[: len(x)], y)
         lo = logits[len(x):]
         c = lo.shape[1]
