@@ -235,3 +235,21 @@ def test_klm_is_a_negative_divergence(z):
     counts = np.bincount(pred, minlength=z.shape[1])
     alone = counts[pred] == 1
     np.testing.assert_allclose(s[alone], 0.0, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", ["msp", "maxlogit", "energy", "entropy", "gen", "klm", "tempscale"])
+@pytest.mark.parametrize("num_classes", [10, 1000])
+def test_float32_fast_path_matches_float64(name, num_classes):
+    """Float32 logits take a faster path; it must agree with the float64 path."""
+    import oodscope as ood
+    from oodscope import Features
+
+    rng = np.random.default_rng(num_classes)
+    logits = rng.normal(0, 3, (400, num_classes))
+    labels = logits.argmax(1)
+    f64 = Features(logits=logits, labels=labels)
+    f32 = Features(logits=logits.astype(np.float32), labels=labels)
+    s64 = ood.create(name).fit(f64).score(f64)
+    s32 = ood.create(name).fit(f32).score(f32)
+    # float32 inputs are themselves rounded to ~6e-8 relative; allow for that and the exps
+    np.testing.assert_allclose(s32, s64, rtol=2e-5, atol=2e-6)

@@ -135,6 +135,11 @@ def test_reference_model_reaches_91_percent():
     acc = evaluate(net, data.loader(test, 1000, mean=norm["mean"], std=norm["std"]))["accuracy"]
     assert acc == pytest.approx(meta["test_accuracy"], abs=1e-6)
     assert acc >= 0.91
+    # trained on 55,000 images; the other 5,000 (500 per class) are the benchmark's ID-val
+    val = np.asarray(meta["val_indices"])
+    assert meta["train_size"] == 55_000 and len(val) == 5000 and len(np.unique(val)) == 5000
+    train = data.load("fashion-mnist", "train")
+    assert np.all(np.bincount(train.labels[val], minlength=10) == 500)
 
 
 # ---------------------------------------------------------------- held-out validation images

@@ -175,6 +175,15 @@ def run(args: argparse.Namespace) -> int:
     errors = df[df["ood_set"] == "-"] if "error" in df else df.iloc[:0]
     for _, r in errors.iterrows():
         print(f"skipped {r['detector']}: {r['error']}")
+    far = next((c for c in board.columns if c.startswith("auroc[far")), None)
+    if far is not None and "msp" in set(board["detector"]):
+        msp = float(board.loc[board["detector"] == "msp", far].iloc[0])
+        feat = board[board["family"].isin(["distance", "density"])]
+        if len(feat):
+            best = feat.loc[feat[far].idxmax()]
+            beat = int((feat[far] > msp).sum())
+            print(f"\nFar OOD: {beat} of {len(feat)} feature-space detectors beat MSP "
+                  f"({100 * msp:.2f}); best {best['detector']} {100 * best[far]:.2f}.")
     print("\nAUROC and FPR@95 in %; FPR@95 = OOD accepted when 95% of ID is kept (lower is better).")
     out = Path(args.out)
     board.to_csv(out, index=False)

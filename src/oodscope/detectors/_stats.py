@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .._numeric import single_threaded_blas
+
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "iter_chunks",
@@ -73,7 +75,11 @@ class ScatterAccumulator:
             self._has_ref[:] = True
 
     def update(self, x: np.ndarray, groups: np.ndarray | None = None) -> "ScatterAccumulator":
-        x = np.asarray(x, dtype=np.float64)
+        x = np.asarray(x)
+        if x.dtype.kind != "f" or x.dtype.itemsize > 8:
+            x = x.astype(np.float64)
+        # float16/32 rows stay as they are: widening is exact, and the float64 subtraction
+        # of the reference below widens them without a separate float64 copy
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"expected rows of width {self.dim}, got shape {x.shape}.")
         if groups is None:
@@ -82,9 +88,11 @@ class ScatterAccumulator:
         counts = np.bincount(groups, minlength=self.num_groups)
         new = (counts > 0) & ~self._has_ref
         if new.any():
-            self.refs[new] = _group_sums(x, groups, self.num_groups)[new] / counts[new, None]
+            sums = _group_sums(x.astype(np.float64), groups, self.num_groups)
+            self.refs[new] = sums[new] / counts[new, None]
             self._has_ref |= new
-        shifted = x - self.refs[groups] if self.num_groups > 1 else x - self.refs[0]
+        ref = self.refs[groups] if self.num_groups > 1 else self.refs[0]
+        shifted = np.subtract(x, ref, dtype=np.float64)
         self.counts += counts
         self.sums += _group_sums(shifted, groups, self.num_groups)
         self.scatter += shifted.T @ shifted
@@ -158,11 +166,16 @@ def whitening_from_precision(precision: np.ndarray) -> np.ndarray:
     (a pseudo-inverse of a rank-deficient covariance is only semi-definite).
     """
     precision = _symmetrize(np.asarray(precision, dtype=np.float64))
-    try:
-        return np.linalg.cholesky(precision)
-    except np.linalg.LinAlgError:
-        vals, vecs = np.linalg.eigh(precision)
-        return vecs * np.sqrt(np.clip(vals, 0.0, None))
+    with single_threaded_blas():
+        try:
+            return np.linalg.cholesky(precision)
+        except np.linalg.LinAlgError:
+            vals, vecs = np.linalg.eigh(precision)
+            return vecs * np.sqrt(np.clip(vals, 0.0, None))
+
+
+#: Rows per block inside a scoring chunk (2048 x 2048 float32 = 16 MiB at most).
+_SCORE_BLOCK = 2048
 
 
 class GaussianScorer:
@@ -187,6 +200,8 @@ class GaussianScorer:
         self.center = means.mean(0) if center is None else np.asarray(center, dtype=np.float64)
         whiten = whitening_from_precision(precision)
         self.whiten = whiten.astype(self.dtype)
+        # a Cholesky factor is lower triangular: TRMM does half a GEMM's work
+        self._lower = np.asfortranarray(self.whiten) if _is_lower(whiten) else None
         wm = (means - self.center) @ whiten
         self.wmeans = wm.astype(self.dtype)
         self.wmeans_sq = np.einsum("ij,ij->i", wm, wm)
@@ -194,15 +209,40 @@ class GaussianScorer:
     def sq_distances(self, x: np.ndarray, chunk_size: int | None = None) -> np.ndarray:
         """(n, n_means) float64 squared Mahalanobis distances."""
         center = self.center.astype(self.dtype)
+        buf = np.empty((_SCORE_BLOCK, len(center)), dtype=self.dtype)
 
         def one(sl: slice) -> np.ndarray:
-            a = (np.asarray(x[sl], dtype=self.dtype) - center) @ self.whiten
-            cross = a @ self.wmeans.T
-            a_sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
-            d = a_sq[:, None] - 2.0 * cross.astype(np.float64) + self.wmeans_sq[None, :]
-            return np.maximum(d, 0.0)
+            # cache-sized blocks through one reused buffer: fresh chunk-sized temporaries
+            # cost more in page faults than the arithmetic
+            rows = np.asarray(x[sl])
+            out = np.empty((len(rows), len(self.wmeans)))
+            for start in range(0, len(rows), _SCORE_BLOCK):
+                block = rows[start : start + _SCORE_BLOCK]
+                centred = buf[: len(block)]
+                np.subtract(block, center, out=centred, dtype=self.dtype)
+                a = self._whiten_rows(centred)
+                cross = a @ self.wmeans.T
+                a_sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+                d = a_sq[:, None] - 2.0 * cross.astype(np.float64) + self.wmeans_sq[None, :]
+                out[start : start + len(block)] = np.maximum(d, 0.0)
+            return out
 
         return map_chunks(one, len(x), chunk_size)
+
+    def _whiten_rows(self, centred: np.ndarray) -> np.ndarray:
+        """``centred @ L``; for triangular ``L`` as ``(Lᵀ centredᵀ)ᵀ`` through BLAS TRMM."""
+        if self._lower is None or len(centred) == 0:
+            return centred @ self.whiten
+        from scipy.linalg import blas
+
+        trmm = blas.strmm if self.dtype == np.float32 else blas.dtrmm
+        # centredᵀ is Fortran-ordered, so TRMM overwrites it in place (no copy)
+        out = trmm(1.0, self._lower, centred.T, side=0, lower=1, trans_a=1, overwrite_b=1)
+        return out.T
+
+
+def _is_lower(a: np.ndarray) -> bool:
+    return not np.any(np.triu(a, 1))
 
 
 def batched_shrunk_whitening(covs: np.ndarray, shrinkage: float) -> np.ndarray:
@@ -217,7 +257,8 @@ def batched_shrunk_whitening(covs: np.ndarray, shrinkage: float) -> np.ndarray:
     scale = np.trace(covs, axis1=-2, axis2=-1) / d
     scale = np.where(scale > 0, scale, 1.0)
     reg = (1.0 - shrinkage) * covs + (shrinkage * scale)[..., None, None] * np.eye(d)
-    vals, vecs = np.linalg.eigh(_symmetrize_batched(reg))
+    with single_threaded_blas():
+        vals, vecs = np.linalg.eigh(_symmetrize_batched(reg))
     # pinv's cut-off: eigenvalues below rcond·max are treated as zero
     cutoff = 1e-15 * d * np.abs(vals).max(axis=-1, keepdims=True)
     inv_sqrt = np.where(vals > cutoff, 1.0 / np.sqrt(np.where(vals > cutoff, vals, 1.0)), 0.0)

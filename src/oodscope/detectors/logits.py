@@ -9,7 +9,7 @@ import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import logsumexp as _lse
 
-from .._numeric import log_softmax, logsumexp, softmax
+from .._numeric import log_softmax, logsumexp
 from ..features import Features
 from .base import Detector, register
 
@@ -35,25 +35,68 @@ def _row_blocks(n: int, width: int):
         yield slice(start, min(start + step, n))
 
 
+def _work_dtype(a: np.ndarray) -> type:
+    """float32 arithmetic for float32/float16 logits (their own precision), else float64."""
+    return np.float32 if a.dtype.kind == "f" and a.dtype.itemsize <= 4 else np.float64
+
+
+#: Rows per block for the per-sample softmax passes: a block stays in cache between the
+#: max, subtract, exp and sum passes (256K elements, 1 MiB in float32).
+_CACHE_ELEMENTS = 1 << 18
+
+
+def _cache_blocks(n: int, width: int):
+    step = max(1, _CACHE_ELEMENTS // max(width, 1))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+#: Below this many classes numpy's per-row reductions are dominated by per-row overhead;
+#: such blocks are transposed to (classes, rows) and reduced along axis 0 instead (~6x
+#: faster for 10 classes).
+_NARROW = 64
+
+
+def _shifted(z: np.ndarray, inv_t: float, dtype: type) -> tuple[np.ndarray, np.ndarray, int]:
+    """Row max ``m`` (float64, exact), ``(z − m)/T`` in ``dtype`` (≤ 0, 0 at the max) and the
+    class axis of that array: 1, or 0 for narrow blocks, which are transposed."""
+    if z.shape[1] < _NARROW:
+        y = np.array(z.T, dtype=dtype, order="C")
+        m = y.max(axis=0)
+        y -= m
+        axis = 0
+    else:
+        m = z.max(axis=1)
+        y = np.subtract(z, m[:, None], dtype=dtype)
+        axis = 1
+    if inv_t != 1.0:
+        y *= dtype(inv_t)
+    return m.astype(np.float64), y, axis
+
+
+def _sum_rows(e: np.ndarray, axis: int) -> np.ndarray:
+    """Per-sample sums in float64 (pairwise float32 summation is ~1e-7 relative)."""
+    return e.sum(axis=axis).astype(np.float64)
+
+
+def _max_logit(logits: np.ndarray) -> np.ndarray:
+    """Row max in the input dtype (exact), widened to float64."""
+    if logits.shape[1] < _NARROW:
+        out = np.empty(len(logits))
+        for rows in _cache_blocks(len(logits), logits.shape[1]):
+            out[rows] = np.ascontiguousarray(logits[rows].T).max(axis=0)
+        return out
+    return logits.max(axis=1).astype(np.float64)
+
+
 def _msp(logits: np.ndarray, temperature: float) -> np.ndarray:
     out = np.empty(len(logits))
-    for rows in _row_blocks(len(logits), logits.shape[1]):
-        z = np.asarray(logits[rows], dtype=np.float64) / temperature
-        # max softmax = exp(max − logsumexp), without forming the whole softmax
-        out[rows] = np.exp(z.max(axis=1) - logsumexp(z, axis=1))
+    dtype = _work_dtype(logits)
+    for rows in _cache_blocks(len(logits), logits.shape[1]):
+        _, y, ax = _shifted(logits[rows], 1.0 / temperature, dtype)
+        # max softmax = exp(0) / Σ exp((z − max)/T), without forming the whole softmax
+        out[rows] = 1.0 / _sum_rows(np.exp(y, out=y), ax)
     return out
-
-
-def _one_minus_softmax(p: np.ndarray) -> np.ndarray:
-    """``1 − p`` without cancellation: for the (at most one) class with ``p > 1/2`` it is the
-    sum of the other probabilities, exact even when ``p`` rounds to 1."""
-    q = 1.0 - p
-    top = p.argmax(axis=1)
-    rows = np.arange(len(p))
-    others = p.copy()
-    others[rows, top] = 0.0
-    q[rows, top] = others.sum(axis=1)
-    return q
 
 
 @register("msp")
@@ -85,7 +128,8 @@ class MaxLogit(Detector):
     )
 
     def _score(self, x: Features) -> np.ndarray:
-        return np.asarray(x.logits, dtype=np.float64).max(axis=1)
+        # the max is exact in the input dtype; only the (n,) result is widened
+        return _max_logit(np.asarray(x.logits))
 
 
 @register("energy")
@@ -105,8 +149,10 @@ class Energy(Detector):
     def _score(self, x: Features) -> np.ndarray:
         logits, t = x.logits, self.temperature
         out = np.empty(len(logits))
-        for rows in _row_blocks(len(logits), logits.shape[1]):
-            out[rows] = t * logsumexp(np.asarray(logits[rows], dtype=np.float64) / t, axis=1)
+        dtype = _work_dtype(logits)
+        for rows in _cache_blocks(len(logits), logits.shape[1]):
+            m, y, ax = _shifted(logits[rows], 1.0 / t, dtype)
+            out[rows] = m + t * np.log(_sum_rows(np.exp(y, out=y), ax))
         return out
 
 
@@ -126,9 +172,15 @@ class Entropy(Detector):
     def _score(self, x: Features) -> np.ndarray:
         logits = x.logits
         out = np.empty(len(logits))
-        for rows in _row_blocks(len(logits), logits.shape[1]):
-            logp = log_softmax(logits[rows], axis=1)
-            out[rows] = np.sum(np.exp(logp) * logp, axis=1)
+        dtype = _work_dtype(logits)
+        for rows in _cache_blocks(len(logits), logits.shape[1]):
+            _, y, ax = _shifted(logits[rows], 1.0, dtype)
+            e = np.exp(y)
+            # float64 sums: s = 1 + ε for confident rows and log s must keep ε's digits
+            s = e.sum(axis=ax, dtype=np.float64)
+            # Σ p log p with p = e/s and log p = y − log s
+            ey = np.einsum("ij,ij->i" if ax == 1 else "ij,ij->j", e, y, dtype=np.float64)
+            out[rows] = ey / s - np.log(s)
         return out
 
 
@@ -169,14 +221,34 @@ class GEN(Detector):
         c = logits.shape[1]
         m = min(int(self.top_m), c)
         out = np.empty(len(logits))
-        for rows in _row_blocks(len(logits), c):
-            p = softmax(logits[rows], axis=1)
-            q = _one_minus_softmax(p)
-            if m < c:  # order inside the top M does not matter for a sum
-                top = np.argpartition(p, c - m, axis=1)[:, c - m :]
-                p = np.take_along_axis(p, top, axis=1)
-                q = np.take_along_axis(q, top, axis=1)
-            out[rows] = -np.sum(p**self.gamma * q**self.gamma, axis=1)
+        dtype = _work_dtype(logits)
+        gamma = float(self.gamma)
+        for rows in _cache_blocks(len(logits), c):
+            _, e, ax = _shifted(logits[rows], 1.0, dtype)
+            np.exp(e, out=e)
+            idx = np.arange(e.shape[1 - ax])
+            # the top class has e = exp(0) = 1; zero it so the other classes' mass is summed
+            # directly: 1 − p_top = others/(1 + others) stays exact when p_top rounds to 1
+            top_class = e.argmax(axis=ax)
+            if ax == 1:
+                e[idx, top_class] = 0.0
+            else:
+                e[top_class, idx] = 0.0
+            others = _sum_rows(e, ax)
+            total = 1.0 + others
+            top = (others / total**2) ** gamma  # (p_top (1 − p_top))^γ
+            if m > 1:
+                # order inside the top M does not matter for a sum; other classes have
+                # p ≤ 1/2, so 1 − p needs no correction
+                if m < c:
+                    kth = c - (m - 1)
+                    e = np.partition(e, kth, axis=ax)
+                    e = e[:, kth:] if ax == 1 else e[kth:]
+                scale = (1.0 / total).astype(dtype)
+                p = e * (scale[:, None] if ax == 1 else scale)
+                p *= 1.0 - p
+                top = top + np.sum(p ** dtype(gamma), axis=ax, dtype=np.float64)
+            out[rows] = -top
         return out
 
 

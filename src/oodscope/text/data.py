@@ -190,6 +190,18 @@ def _clinc_file(variant: str, root: str | Path | None, download: bool) -> Path:
 
 
 # ----------------------------------------------------------------- label handling
+def _split_out_of_scope(splits: dict[str, "TextSplit"]) -> dict[str, "TextSplit"]:
+    """Each split's in-scope part keeps its name; its out-of-scope part becomes ``oos_<name>``
+    (the CLINC150 layout)."""
+    out: dict[str, TextSplit] = {}
+    for split, s in splits.items():
+        out[split] = s.subset(np.flatnonzero(s.labels != OOS_LABEL))
+        oos = np.flatnonzero(s.labels == OOS_LABEL)
+        if len(oos):
+            out[f"oos_{split}"] = s.subset(oos)
+    return out
+
+
 def _encode_labels(
     named: dict[str, tuple[list[str], list[str]]],
     fit_split: str,
@@ -338,13 +350,7 @@ def _load_seq_label_folders(root: Path, name: str, splits: Sequence[str], oos_la
         raise FileNotFoundError(f"{root} has no train/seq.in + train/label.")
     # In-scope and out-of-scope parts of each split become separate splits, as for CLINC150.
     splits_enc, names = _encode_labels(named, "train", [oos_label])
-    out: dict[str, TextSplit] = {}
-    for split, s in splits_enc.items():
-        ins = np.flatnonzero(s.labels != OOS_LABEL)
-        oos = np.flatnonzero(s.labels == OOS_LABEL)
-        out[split] = s.subset(ins)
-        if len(oos):
-            out[f"oos_{split}"] = s.subset(oos)
+    out = _split_out_of_scope(splits_enc)
     return TextDataset(name, out, names, {"source": str(root)})
 
 
@@ -409,11 +415,5 @@ def load_rostd(root: str | Path | None = None) -> TextDataset:
                 texts.append(row[-1])
         named[split] = (texts, labels)
     splits_enc, names = _encode_labels(named, "train", ["outOfDomain"], unknown="error")
-    out: dict[str, TextSplit] = {}
-    for split, s in splits_enc.items():
-        ins = np.flatnonzero(s.labels != OOS_LABEL)
-        oos = np.flatnonzero(s.labels == OOS_LABEL)
-        out[split] = s.subset(ins)
-        if len(oos):
-            out[f"oos_{split}"] = s.subset(oos)
+    out = _split_out_of_scope(splits_enc)
     return TextDataset("rostd", out, names, {"source": str(found)})
