@@ -13,15 +13,6 @@ import oodscope
 from oodscope import models
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a shared, oversubscribed machine multi-threaded torch is many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_small_cnn_shapes_and_extract():
     torch.manual_seed(0)
     net = models.create("small_cnn", num_classes=7)

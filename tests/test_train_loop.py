@@ -12,15 +12,6 @@ from oodscope.train.base import CrossEntropy, Objective
 from oodscope.train.loop import NonFiniteLossError, evaluate, fit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # on a shared, oversubscribed machine multi-threaded torch is many times slower
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def subset():
     return data.load("fashion-mnist", "train").sample(256, seed=0)

@@ -21,15 +21,6 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny models: threads only add hand-off cost on a shared machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def build_tiny_clip(directory: Path, seed: int = 0):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
