@@ -49,10 +49,11 @@ def roc_curve_png(id_by_det: Mapping[str, np.ndarray], ood_by_det: Mapping[str, 
     names = list(id_by_det)
     if aurocs:
         names.sort(key=lambda n: -aurocs.get(n, 0.0))
-    for n in names[:max_lines]:
+    colors = plt.get_cmap("tab20").colors  # distinct colours for up to 20 lines
+    for i, n in enumerate(names[:max_lines]):
         fpr, tpr = roc_points(id_by_det[n], ood_by_det[n])
         label = f"{n} ({100 * aurocs[n]:.1f})" if aurocs and n in aurocs else n
-        ax.plot(fpr, tpr, lw=1.3, label=label)
+        ax.plot(fpr, tpr, lw=1.3, label=label, color=colors[(2 * i) % 20 + (2 * i) // 20])
     ax.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":")
     ax.axhline(0.95, color="grey", lw=0.6, ls="--")
     ax.set_xlabel("OOD accepted (FPR)")
