@@ -134,6 +134,18 @@ class DualEncoder:
     cache_dir: str | Path | None = None
     device: str = "cpu"
 
+    def _init_common(self, model, tokenizer, name, device, local_mode, cache_dir) -> None:
+        """State every backend shares: the model in eval mode on ``device``, its tokenizer,
+        the local-token mode, the cache folder and CLIP's learned logit scale."""
+        _check_local_mode(local_mode)
+        self.model = model.eval().to(device)
+        self.tokenizer = tokenizer
+        self.name = name
+        self.device = device
+        self.local_mode = local_mode
+        self.cache_dir = cache_dir
+        self.logit_scale = float(model.logit_scale.detach().exp().item())
+
     # -- hooks
     def _encode_pixels(self, pixels, local: bool):  # -> (global (N,D) tensor, local (N,P,D) or None)
         raise NotImplementedError
@@ -234,6 +246,11 @@ def _state_fingerprint(module) -> str:
 
 
 # ---------------------------------------------------------------- Hugging Face
+def _check_local_mode(local_mode: str) -> None:
+    if local_mode not in ("value", "tokens"):
+        raise ValueError(f"local_mode must be 'value' or 'tokens', got {local_mode!r}.")
+
+
 class HFCLIPEncoder(DualEncoder):
     """A ``transformers`` CLIP model (``CLIPModel``) plus a tokenizer.
 
@@ -250,19 +267,11 @@ class HFCLIPEncoder(DualEncoder):
     def __init__(self, model, tokenizer, name: str = "hf-clip", image_size: int | None = None,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                  device: str = "cpu", local_mode: str = "value", cache_dir: str | Path | None = None):
-        if local_mode not in ("value", "tokens"):
-            raise ValueError(f"local_mode must be 'value' or 'tokens', got {local_mode!r}.")
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.name = name
+        self._init_common(model, tokenizer, name, device, local_mode, cache_dir)
         cfg = model.config
         self.embed_dim = int(cfg.projection_dim)
         self.image_size = int(image_size or cfg.vision_config.image_size)
         self.mean, self.std = tuple(mean), tuple(std)
-        self.device = device
-        self.local_mode = local_mode
-        self.cache_dir = cache_dir
-        self.logit_scale = float(model.logit_scale.detach().exp().item())
         self.max_length = int(cfg.text_config.max_position_embeddings)
 
     @classmethod
@@ -344,20 +353,12 @@ class OpenCLIPEncoder(DualEncoder):
     def __init__(self, model, tokenizer, name: str = "open_clip", image_size: int | None = None,
                  mean: Sequence[float] = CLIP_MEAN, std: Sequence[float] = CLIP_STD,
                  device: str = "cpu", local_mode: str = "value", cache_dir: str | Path | None = None):
-        if local_mode not in ("value", "tokens"):
-            raise ValueError(f"local_mode must be 'value' or 'tokens', got {local_mode!r}.")
-        self.model = model.eval().to(device)
-        self.tokenizer = tokenizer
-        self.name = name
+        self._init_common(model, tokenizer, name, device, local_mode, cache_dir)
         visual = model.visual
         size = image_size or getattr(visual, "image_size", 224)
         self.image_size = int(size[0] if isinstance(size, (tuple, list)) else size)
         self.mean = tuple(getattr(visual, "image_mean", None) or mean)
         self.std = tuple(getattr(visual, "image_std", None) or std)
-        self.device = device
-        self.local_mode = local_mode
-        self.cache_dir = cache_dir
-        self.logit_scale = float(model.logit_scale.detach().exp().item())
         with _torch().no_grad():
             probe = model.encode_text(tokenizer(["a"]).to(device))
         self.embed_dim = int(probe.shape[-1])
