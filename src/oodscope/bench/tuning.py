@@ -9,7 +9,7 @@ Fitting is shared between candidates whenever the detector says a hyperparameter
 change what ``fit`` learns (class attribute ``score_params``, a set of names): candidates
 that differ only in those reuse one fitted state (a shallow copy with the score-time values
 set, so caches the fitted detector keeps are shared). A detector with a
-``_plan_score_params(values)`` method is told, right after such a fit, every score-time value
+``plan_score_params(values)`` method is told, right after such a fit, every score-time value
 that will reuse it (Relation then sums its relation matrix for all ``pow`` values in one
 pass); results are the same as scoring each candidate from a fresh fit.
 """
@@ -124,7 +124,7 @@ def tune(
             f"search_space of {type(detector).__name__} names {unknown}, which are not "
             f"constructor parameters ({detector._param_names()})."
         )
-    score_only = set(getattr(type(detector), "score_params", ()) or ())
+    score_only = set(type(detector).score_params)
     needs_fit = type(detector).fit_fields is not None
     if score_only:
         # Candidates sharing a fit run together, largest score-time values first, so
@@ -155,12 +155,12 @@ def tune(
                 det.fit(train if needs_fit else None)
                 fitted[key] = det
                 n_fits += 1
-                plan = getattr(det, "_plan_score_params", None)
-                if plan is not None and score_only:
+                if score_only:
                     # every score-time value that will reuse this fit, so the detector can
                     # compute them together on the first scoring
-                    plan({n: [c[n] for c in grid if n in c and _fit_key(c, score_only) == key]
-                          for n in score_only})
+                    det.plan_score_params({
+                        n: [c[n] for c in grid if n in c and _fit_key(c, score_only) == key]
+                        for n in score_only})
             t1 = time.perf_counter()
             s_id, s_ood = score_pair(det, val_id, val_ood, seed)
         except Exception as exc:  # one impossible candidate (e.g. k > n) must not sink the rest
@@ -201,25 +201,16 @@ def tune(
 
 def is_stateful(det: Detector) -> bool:
     """Whether scores depend on what the detector scored before (``stateful = True``)."""
-    return bool(getattr(type(det), "stateful", False))
+    return bool(type(det).stateful)
 
 
 def score_pair(det: Detector, id_set: Features, ood_set: Features, seed: int = 0
                ) -> tuple[np.ndarray, np.ndarray]:
     """``(id_scores, ood_scores)``. A stateful detector starts from an empty memory and sees
     ID and OOD as one seeded, interleaved stream (``score_mixed``); others score each set."""
-    if not is_stateful(det):
-        return det.score(id_set), det.score(ood_set)
-    if hasattr(det, "reset"):
-        det.reset()
-    mixed = getattr(det, "score_mixed", None)
-    if mixed is not None:
-        s_id, s_ood = mixed(id_set, ood_set, seed=seed)
-        return np.asarray(s_id, dtype=np.float64), np.asarray(s_ood, dtype=np.float64)
     det.reset()
-    s_id = det.score(id_set)
-    det.reset()
-    return s_id, det.score(ood_set)
+    s_id, s_ood = det.score_mixed(id_set, ood_set, seed=seed)
+    return np.asarray(s_id, dtype=np.float64), np.asarray(s_ood, dtype=np.float64)
 
 
 def _public_params(params: dict[str, Any]) -> dict[str, Any]:

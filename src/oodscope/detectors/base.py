@@ -10,6 +10,16 @@ A detector is a small scikit-learn-style estimator:
 
 Subclasses implement ``_fit`` and ``_score``; the public methods here validate inputs so
 every detector rejects bad input with the same clear messages.
+
+Two small protocols are declared here so callers never probe detectors with ``getattr``:
+
+* tuning — ``score_params`` (hyperparameters that do not change what ``fit`` learns, so
+  candidates differing only in them share one fit), ``plan_score_params`` (told every such
+  value before scoring, so work can be shared), ``stateful`` with ``reset`` and
+  ``score_mixed`` (detectors with a test-time memory, scored as one seeded stream);
+* persistence — ``get_state`` / ``set_state`` return and restore the fitted state (the
+  attributes ending in ``_``, minus the caches named in ``transient_state``);
+  `oodscope.persistence` writes that state as arrays + JSON, never pickle.
 """
 
 from __future__ import annotations
@@ -138,6 +148,14 @@ class Detector:
     reference: ClassVar[str] = ""
     #: Minimum number of training samples ``fit`` accepts.
     min_fit_samples: ClassVar[int] = 2
+    #: Hyperparameters that only change scoring, not what ``fit`` learns: tuning candidates
+    #: differing only in these share one fitted state (a shallow copy with the values set).
+    score_params: ClassVar[frozenset[str]] = frozenset()
+    #: Whether scores depend on what was scored before (a test-time memory, e.g. AdaNeg):
+    #: such detectors are reset and scored as one seeded ID/OOD stream (`score_mixed`).
+    stateful: ClassVar[bool] = False
+    #: Fitted attributes that are caches, rebuilt on demand: `get_state` leaves them out.
+    transient_state: ClassVar[frozenset[str]] = frozenset()
     _aliases: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------ parameters
@@ -265,6 +283,54 @@ class Detector:
 
     def fit_score(self, train: Features, x: Features) -> np.ndarray:
         return self.fit(train).score(x)
+
+    # ------------------------------------------------------------ tuning protocol
+    def plan_score_params(self, values: dict[str, list[Any]]) -> None:
+        """Called by the tuner right after a fit with every value of each ``score_params``
+        entry that will be scored on this fitted state, so a detector can compute them in
+        one pass. Default: nothing to plan."""
+
+    def reset(self) -> "Detector":
+        """Forget test-time state (the memory of a ``stateful`` detector). Default: no-op."""
+        return self
+
+    def score_mixed(self, id_set: Features, ood_set: Features, seed: int = 0
+                    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(id_scores, ood_scores)`` of an ID and an OOD set.
+
+        A stateless detector scores each set on its own. A ``stateful`` one is reset and
+        scores both as one seeded, interleaved stream, so its memory cannot learn which
+        stream it is in; scores come back in the input order of each set."""
+        if not self.stateful:
+            return self.score(id_set), self.score(ood_set)
+        both = Features.concat([as_features(id_set), as_features(ood_set)])
+        perm = np.random.default_rng(seed).permutation(len(both))
+        self.reset()
+        scores = np.empty(len(both))
+        scores[perm] = self.score(both[perm])
+        n = len(id_set)
+        return scores[:n], scores[n:]
+
+    # ------------------------------------------------------------ persistence protocol
+    def get_state(self) -> dict[str, Any]:
+        """The fitted state: every attribute ending in ``_`` except ``transient_state``.
+
+        Values are arrays, JSON-able scalars and containers, nested detectors, or objects
+        `oodscope.persistence` knows how to write; override together with `set_state`
+        when a detector holds anything else (e.g. a torch model)."""
+        return {
+            k: v for k, v in vars(self).items()
+            if k.endswith("_") and not k.startswith("__") and k not in self.transient_state
+        }
+
+    def set_state(self, state: dict[str, Any]) -> "Detector":
+        """Restore what `get_state` returned (on an instance with the same parameters)."""
+        self._reset_fit()
+        for k, v in state.items():
+            if not (isinstance(k, str) and k.endswith("_")):
+                raise ValueError(f"{type(self).__name__}: state key {k!r} is not a fitted attribute.")
+            setattr(self, k, v)
+        return self
 
     # ------------------------------------------------------------ hooks
     def _fit(self, train: Features | None) -> None:

@@ -946,6 +946,7 @@ class Relation(Detector):
         "Kim et al., Neural Relation Graph: A Unified Framework for Identifying Label "
         "Noise and Outlier Data, NeurIPS 2023"
     )
+    transient_state = frozenset({"_score_cache_", "_planned_pows_"})
     _CACHE_ENTRIES = 4
 
     def __init__(
@@ -978,7 +979,7 @@ class Relation(Detector):
         self._score_cache_: dict[Any, dict[float, np.ndarray]] = {}
         self._planned_pows_: list[float] = []
 
-    def _plan_score_params(self, values: dict[str, list[Any]]) -> None:
+    def plan_score_params(self, values: dict[str, list[Any]]) -> None:
         """Announce the ``pow`` values about to be scored (the tuner calls this): the first
         score of a query set then sums the relation matrix for all of them in one pass."""
         self._planned_pows_[:] = [

@@ -127,6 +127,7 @@ class Ensemble(Detector):
     all_requirements = _AllRequirements(None, _all_requirements)
     search_space = {"method": ["zscore", "rank"]}
     score_params = frozenset({"method", "weights"})  # neither changes what fit learns
+    transient_state = frozenset({"_raw_cache_"})
     test_params = {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"}
     reference = (
         "Score fusion of OOD detectors (z-score / rank averaging); see e.g. Haroush et al., "

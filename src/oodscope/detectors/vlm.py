@@ -168,7 +168,7 @@ class MCM(_ZeroShot):
     reference = ("Ming et al., Delving into Out-of-Distribution Detection with Vision-Language "
                  "Representations, NeurIPS 2022")
     search_space = {"temperature": [0.5, 1.0, 2.0]}
-    score_params = ("temperature",)  # tuning changes them without refitting
+    score_params = frozenset({"temperature"})  # tuning changes them without refitting
 
     def __init__(self, encoder: Any = None, class_names: Sequence[str] | None = None,
                  text_embeds: Any = None, templates: Sequence[str] = ("a photo of a {}.",),
@@ -196,7 +196,7 @@ class GLMCM(MCM):
     reference = ("Miyai et al., GL-MCM: Global and Local Maximum Concept Matching for Zero-Shot "
                  "Out-of-Distribution Detection, IJCV 2025 (arXiv:2304.04521)")
     search_space = {"local_weight": [0.5, 1.0, 2.0]}
-    score_params = ("temperature", "local_weight", "local_temperature")
+    score_params = frozenset({"temperature", "local_weight", "local_temperature"})
 
     def __init__(self, encoder: Any = None, class_names: Sequence[str] | None = None,
                  text_embeds: Any = None, templates: Sequence[str] = ("a photo of a {}",),
@@ -249,7 +249,7 @@ class NegLabel(_ZeroShot):
     reference = ("Jiang et al., Negative Label Guided OOD Detection with Pretrained "
                  "Vision-Language Models, ICLR 2024")
     search_space = {"temperature": [0.005, 0.01, 0.05], "n_groups": [1, 10, 100]}
-    score_params = ("temperature",)
+    score_params = frozenset({"temperature"})
 
     def __init__(self, encoder: Any = None, class_names: Sequence[str] | None = None,
                  text_embeds: Any = None, words: Any = None, neg_text_embeds: Any = None,
@@ -392,7 +392,7 @@ class AdaNeg(NegLabel):
     reference = ("Zhang & Zhang, AdaNeg: Adaptive Negative Proxy Guided OOD Detection with "
                  "Vision-Language Models, NeurIPS 2024")
     search_space = {"gap": [0.3, 0.5, 0.7], "neglabel_weight": [0.1, 1.0]}
-    score_params = ()  # the memory is per instance: never share a fitted copy
+    score_params = frozenset()  # the memory is per instance: never share a fitted copy
     #: Scores depend on what was scored before (runners: ``reset()`` / `score_mixed`).
     stateful = True
 
