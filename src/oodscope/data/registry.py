@@ -31,9 +31,12 @@ __all__ = [
     "ChecksumError",
     "DatasetSpec",
     "FileSpec",
+    "SYSTEM_DATA_DIRS",
     "cache_root",
     "find",
+    "find_dataset_dir",
     "get_spec",
+    "is_offline",
     "read_verified",
     "register_dataset",
     "registered_names",
@@ -106,9 +109,18 @@ def registered_names() -> list[str]:
     return sorted(_SPECS)
 
 
+def is_offline() -> bool:
+    """``OODSCOPE_OFFLINE`` is set: never touch the network."""
+    return os.environ.get("OODSCOPE_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def cache_root() -> Path:
     env = os.environ.get("OODSCOPE_CACHE")
     return Path(env).expanduser() if env else Path.home() / ".cache" / "oodscope"
+
+
+#: System-wide dataset folders (Debian's ``dataset-*`` packages install here).
+SYSTEM_DATA_DIRS: tuple[Path, ...] = (Path("/usr/share/datasets"),)
 
 
 def search_paths(name: str) -> list[Path]:
@@ -118,8 +130,32 @@ def search_paths(name: str) -> list[Path]:
     if env:
         paths += [Path(p).expanduser() / name for p in env.split(os.pathsep) if p]
     paths.append(cache_root() / name)
-    paths.append(Path("/usr/share/datasets") / name)
+    paths += [d / name for d in SYSTEM_DATA_DIRS]
     return paths
+
+
+def _has(folder: Path, entry: str | tuple[str, ...]) -> bool:
+    alternatives = (entry,) if isinstance(entry, str) else entry
+    return any((folder / a).exists() for a in alternatives)
+
+
+def find_dataset_dir(name: str, required=(), root: str | Path | None = None) -> Path | None:
+    """The first folder for dataset ``name`` that holds everything in ``required``.
+
+    ``required`` lists paths relative to the folder; an entry may be a tuple of
+    alternatives (any one of them will do). With ``root`` only ``root`` itself and
+    ``root/name`` are considered (an explicit folder never falls back to other places);
+    otherwise the folders of `search_paths` are tried in order. ``None`` when none fits.
+    """
+    if root is not None:
+        root = Path(root).expanduser()
+        candidates = [root, root / name]
+    else:
+        candidates = search_paths(name)
+    for folder in candidates:
+        if folder.is_dir() and all(_has(folder, r) for r in required):
+            return folder
+    return None
 
 
 def locate(directory: Path, fs: FileSpec) -> Path | None:
@@ -154,7 +190,7 @@ def find(name: str, split: str | None = None, download: bool = True) -> Path:
                 return d
         elif _complete(spec, d, split):
             return d
-    offline = os.environ.get("OODSCOPE_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = is_offline()
     splits = [split] if split is not None else (list(spec.splits) if spec else [])
     downloadable = spec is not None and splits and all(
         s in spec.splits and all(fs.urls for fs in spec.splits[s]) for s in splits)
