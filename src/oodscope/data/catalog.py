@@ -33,6 +33,23 @@ def _idx_files(base_urls: tuple[str, ...], prefix: str, checks: dict[str, tuple[
     }
 
 
+def _check_labels(labels: np.ndarray, n_classes: int, source: str, name: str) -> None:
+    """Refuse labels that cannot belong to ``name``: outside its class range, or one value
+    for a whole split."""
+    if labels.size == 0:
+        raise ValueError(f"{source}: no samples.")
+    lo, hi = int(labels.min()), int(labels.max())
+    if n_classes and (lo < 0 or hi >= n_classes):
+        raise ValueError(f"{source}: labels span {lo}..{hi}, but {name} has {n_classes} classes "
+                         f"(0..{n_classes - 1}); this is not a {name} label file.")
+    if labels.size >= 100 and lo == hi:
+        raise ValueError(f"{source}: all {labels.size} labels are {lo}; a split of {name} has "
+                         "several classes (wrong or corrupt file?).")
+
+
+_IDX_IMAGE_SHAPE = (28, 28)
+
+
 def _read_idx_split(spec: DatasetSpec, directory: Path, split: str, verify: bool = True, **_) -> ImageDataset:
     img_fs, lab_fs = spec.splits[split]
     img_path, lab_path = locate(directory, img_fs), locate(directory, lab_fs)
@@ -40,9 +57,13 @@ def _read_idx_split(spec: DatasetSpec, directory: Path, split: str, verify: bool
     labels = parse_idx(read_verified(lab_path, lab_fs, verify), str(lab_path)).astype(np.int64)
     if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
         raise ValueError(f"{img_path} / {lab_path}: {images.shape} images do not match {labels.shape} labels.")
+    if images.shape[1:] != _IDX_IMAGE_SHAPE:
+        raise ValueError(f"{img_path}: images are {images.shape[1:]}, {spec.name} images are "
+                         f"{_IDX_IMAGE_SHAPE}.")
     if spec.options.get("transpose"):
         images = images.transpose(0, 2, 1)
     labels = labels - spec.options.get("label_offset", 0)
+    _check_labels(labels, len(spec.classes), str(lab_path), spec.name)
     return ImageDataset(np.ascontiguousarray(images, dtype=np.uint8), labels, list(spec.classes),
                         name=f"{spec.name}/{split}", meta={"source": str(img_path)})
 
@@ -159,16 +180,19 @@ def _read_cifar(spec: DatasetSpec, directory: Path, split: str, verify: bool = T
     if location.is_dir() and not (location / opts[split][0]).exists():
         raise FileNotFoundError(f"{location} does not contain {opts[split][0]}.")
     images, labels, classes = read_cifar(location, opts[split], opts["meta"], opts.get("label_key"))
+    _check_labels(labels, opts["n_classes"], str(location), spec.name)
     return ImageDataset(images, labels, classes or list(spec.classes), name=f"{spec.name}/{split}",
                         meta={"source": str(location)})
 
 
-def _cifar_spec(name, archive, folder, url, sha256, md5, splits, meta, label_key, classes, description):
+def _cifar_spec(name, archive, folder, url, sha256, md5, splits, meta, label_key, classes, description,
+                n_classes):
     fs = FileSpec(archive, urls=(url,), sha256=sha256, md5=md5, alternatives=(folder,))
     return DatasetSpec(
         name=name, description=description, homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         licence="see homepage", classes=classes, reader=_read_cifar,
-        splits={s: (fs,) for s in splits}, options={**splits, "meta": meta, "label_key": label_key})
+        splits={s: (fs,) for s in splits},
+        options={**splits, "meta": meta, "label_key": label_key, "n_classes": n_classes})
 
 
 register_dataset(_cifar_spec(
@@ -177,14 +201,14 @@ register_dataset(_cifar_spec(
     ("6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce",),
     ("c58f30108f718f92721af3b95e74349a",),
     {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}, "batches.meta", "labels",
-    CIFAR10_CLASSES, "CIFAR-10 (Krizhevsky, 2009): 32x32 RGB, 10 classes, 50k/10k"))
+    CIFAR10_CLASSES, "CIFAR-10 (Krizhevsky, 2009): 32x32 RGB, 10 classes, 50k/10k", 10))
 
 register_dataset(_cifar_spec(
     "cifar100", "cifar-100-python.tar.gz", "cifar-100-python",
     "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz", (),
     ("eb9058c3a382ffc7106e4002c42a8d85",),
     {"train": ["train"], "test": ["test"]}, "meta", "fine_labels",
-    [], "CIFAR-100 (Krizhevsky, 2009): 32x32 RGB, 100 fine classes, 50k/10k"))
+    [], "CIFAR-100 (Krizhevsky, 2009): 32x32 RGB, 100 fine classes, 50k/10k", 100))
 
 
 # ---------------------------------------------------------------- SVHN (.mat)
@@ -194,6 +218,7 @@ def _read_svhn(spec: DatasetSpec, directory: Path, split: str, verify: bool = Tr
     if verify:
         read_verified(path, fs, verify)
     images, labels = read_svhn_mat(path)
+    _check_labels(labels, len(DIGITS), str(path), spec.name)
     return ImageDataset(images, labels, DIGITS, name=f"svhn/{split}", meta={"source": str(path)})
 
 

@@ -254,37 +254,56 @@ def read_image_folder(root: str | Path, size: tuple[int, int] | None = None, mod
 def read_image_list(list_file: str | Path, root: str | Path | None = None,
                     size: tuple[int, int] | None = None, mode: str | None = None,
                     skip_broken: bool = False, progress: bool = True):
-    """OpenOOD image-list file: one ``relative/path label`` per line (label optional), paths
-    relative to ``root`` (default: the list file's folder). Returns ``(images, labels_or_None)``."""
+    """OpenOOD image-list file (``benchmark_imglist/<benchmark>/<split>_<set>.txt``): one
+    ``relative/path extra`` per line, split at the first space as OpenOOD does, where
+    ``extra`` is an integer label (``-1`` for OOD sets) or a Python dict literal with a
+    ``"label"`` key; a line with a path only is unlabeled. Paths are relative to ``root``
+    (OpenOOD's ``data_dir``, e.g. ``images_classic/``; default: the list file's folder).
+    Returns ``(images, labels_or_None)``."""
     list_file = Path(list_file)
     root = Path(root) if root is not None else list_file.parent
     paths, labels = [], []
-    for lineno, line in enumerate(list_file.read_text().splitlines(), 1):
+    for lineno, line in enumerate(list_file.read_text(encoding="utf-8").splitlines(), 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        parts = line.rsplit(maxsplit=1)
-        if len(parts) == 2 and _is_int(parts[1]):
-            paths.append(root / parts[0])
-            labels.append(int(parts[1]))
-        elif len(parts) == 2 and parts[1].startswith("{"):  # OpenOOD extra-JSON form
-            raise ValueError(f"{list_file}:{lineno}: JSON label columns are not supported.")
-        else:
-            paths.append(root / line)
-            labels.append(None)
+        name, _, extra = line.partition(" ")
+        if name.startswith("/"):
+            raise ValueError(f"{list_file}:{lineno}: absolute path {name!r}; OpenOOD lists hold paths "
+                             "relative to the data folder.")
+        paths.append(root / name)
+        labels.append(_list_label(extra.strip(), f"{list_file}:{lineno}") if extra.strip() else None)
     if not paths:
         raise ValueError(f"{list_file}: no entries.")
+    if any(l is None for l in labels) and any(l is not None for l in labels):
+        raise ValueError(f"{list_file}: some lines have a label and some do not.")
     missing = [p for p in paths if not p.exists()]
     if missing and not skip_broken:
         raise FileNotFoundError(
             f"{list_file}: {len(missing)} listed images are missing under {root}, e.g. {missing[0]}; "
             "pass root= the folder the paths are relative to.")
-    has_labels = all(l is not None for l in labels)
+    has_labels = labels[0] is not None
     images, kept = _load_images([p for p in paths if p.exists()], size, mode, skip_broken, progress)
     if not has_labels:
         return images, None
     label_of = dict(zip(paths, labels))
     return images, np.asarray([label_of[p] for p in kept], dtype=np.int64)
+
+
+def _list_label(extra: str, where: str) -> int:
+    """The label in an OpenOOD list line's extra field: an integer or ``{'label': int, ...}``."""
+    if _is_int(extra):
+        return int(extra)
+    import ast
+
+    try:
+        value = ast.literal_eval(extra)
+    except (ValueError, SyntaxError) as exc:
+        raise ValueError(f"{where}: cannot read the label field {extra[:60]!r} "
+                         "(expected an integer or a dict literal with a 'label' key).") from exc
+    if not isinstance(value, dict) or not isinstance(value.get("label"), int):
+        raise ValueError(f"{where}: the extra field {extra[:60]!r} has no integer 'label'.")
+    return value["label"]
 
 
 def _is_int(s: str) -> bool:
