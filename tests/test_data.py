@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import shutil
 import tarfile
@@ -14,8 +15,17 @@ import pytest
 from oodscope import data
 from oodscope.data.registry import ChecksumError, clear_verification_cache
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-needs_shared = pytest.mark.skipif(not (SHARED / "fashion-mnist").exists(), reason="shared data not present")
+from oodscope.data import registry
+
+#: where the real data is looked up, fixed when the module is imported (tests change the env)
+REAL_DATA = os.environ.get("OODSCOPE_DATA", "")
+
+
+def real_dir(name: str, split: str) -> Path:
+    """The folder holding the real ``name`` files (for tests that copy and damage them)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("OODSCOPE_DATA", REAL_DATA)
+        return registry.find(name, split, download=False)
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -30,6 +40,7 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.setenv("OODSCOPE_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("OODSCOPE_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("OODSCOPE_OFFLINE", "1")
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", ())
     (tmp_path / "data").mkdir()
     clear_verification_cache()
     data.clear_cache()
@@ -38,29 +49,31 @@ def isolated(monkeypatch, tmp_path):
 
 
 # ------------------------------------------------------------------ real files
-@needs_shared
-def test_fashion_mnist_test_split_loads_and_verifies():
+@pytest.mark.requires_data("fashion-mnist")
+def test_fashion_mnist_real_files_load_and_verify():
     ds = data.load("fashion-mnist", "test")
     assert ds.images.shape == (10000, 28, 28) and ds.images.dtype == np.uint8
     assert ds.labels.shape == (10000,) and ds.labels.dtype == np.int64
     assert np.bincount(ds.labels).tolist() == [1000] * 10
     assert ds.classes[0] == "T-shirt/top" and len(ds.classes) == 10
     assert ds.images.flags.writeable
+    train = data.load("fashion-mnist", "train")
+    assert train.images.shape == (60000, 28, 28) and np.bincount(train.labels).tolist() == [6000] * 10
 
 
-@needs_shared
+@pytest.mark.requires_data("mnist:test")
 def test_mnist_recompressed_gz_accepted_by_content_checksum():
     # the .gz files in shared/data were recompressed: only the raw checksum matches
     ds = data.load("mnist", "test")
     assert len(ds) == 10000 and ds.labels[:5].tolist() == [7, 2, 1, 0, 4]
 
 
-@needs_shared
+@pytest.mark.requires_data("fashion-mnist:test")
 def test_checksum_mismatch_names_the_file(isolated):
     d = isolated / "fashion-mnist"
     d.mkdir()
     for f in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        shutil.copy(SHARED / "fashion-mnist" / f, d / f)
+        shutil.copy(real_dir("fashion-mnist", "test") / f, d / f)
     raw = bytearray(gzip.decompress((d / "t10k-labels-idx1-ubyte.gz").read_bytes()))
     raw[100] = (raw[100] + 1) % 10  # one label changed: still a valid IDX file
     (d / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(bytes(raw)))
@@ -70,12 +83,13 @@ def test_checksum_mismatch_names_the_file(isolated):
     assert len(ds) == 10000
 
 
-@needs_shared
+@pytest.mark.requires_data("mnist:test")
 def test_truncated_gzip_raises_value_error_naming_file(isolated):
     d = isolated / "mnist"
     d.mkdir()
-    shutil.copy(SHARED / "mnist" / "t10k-labels-idx1-ubyte.gz", d)
-    blob = (SHARED / "mnist" / "t10k-images-idx3-ubyte.gz").read_bytes()
+    src = real_dir("mnist", "test")
+    shutil.copy(src / "t10k-labels-idx1-ubyte.gz", d)
+    blob = (src / "t10k-images-idx3-ubyte.gz").read_bytes()
     (d / "t10k-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(ValueError, match="t10k-images-idx3-ubyte.gz"):
         data.load("mnist", "test")
@@ -122,7 +136,8 @@ def test_emnist_images_are_transposed_and_letters_zero_based(isolated):
     assert ds.labels.tolist() == [0, 25] and ds.classes[25] == "Z"
 
 
-def test_missing_dataset_lists_every_path_and_url(isolated, tmp_path):
+def test_missing_dataset_lists_every_path_and_url(isolated, tmp_path, monkeypatch):
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", (Path("/usr/share/datasets"),))
     with pytest.raises(FileNotFoundError) as err:
         data.load("svhn", "test")
     msg = str(err.value)
@@ -139,21 +154,26 @@ def test_unknown_split_is_a_clear_error():
 
 
 # ------------------------------------------------------------------ CIFAR pickles
-def _cifar_batch(n, seed, label_key="labels"):
+def _cifar_batch(n, seed, label_key="labels", n_classes=10):
+    """A batch with the keys of the real files (py2 ``str`` keys, read back as bytes)."""
     rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key.encode(): [int(v) for v in rng.integers(0, 10, n)]}
+    return {b"batch_label": b"training batch 1 of 5", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            label_key.encode(): [int(v) for v in rng.integers(0, n_classes, n)],
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)]}
+
+
+def _dump_like_cifar(obj, path: Path):
+    """Protocol 2 with the ``numpy.core`` names the published (numpy 1.x, Python 2) files use."""
+    path.write_bytes(pickle.dumps(obj, protocol=2).replace(b"cnumpy._core.", b"cnumpy.core."))
 
 
 def _write_cifar10(folder: Path):
     folder.mkdir(parents=True)
     for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump(_cifar_batch(4, i), fh, protocol=2)
-    with open(folder / "test_batch", "wb") as fh:
-        pickle.dump(_cifar_batch(3, 9), fh, protocol=2)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, fh, protocol=2)
+        _dump_like_cifar(_cifar_batch(4, i), folder / f"data_batch_{i}")
+    _dump_like_cifar(_cifar_batch(3, 9), folder / "test_batch")
+    _dump_like_cifar({b"num_cases_per_batch": 10000, b"label_names": [f"c{i}".encode() for i in range(10)],
+                      b"num_vis": 3072}, folder / "batches.meta")
 
 
 def test_cifar10_extracted_folder_and_archive(isolated):
@@ -178,10 +198,14 @@ def test_cifar100_fine_labels(isolated):
     folder = isolated / "cifar100" / "cifar-100-python"
     folder.mkdir(parents=True)
     for split, n in (("train", 5), ("test", 2)):
-        with open(folder / split, "wb") as fh:
-            pickle.dump(_cifar_batch(n, n, "fine_labels"), fh, protocol=2)
+        batch = _cifar_batch(n, n, "fine_labels", n_classes=100)
+        batch[b"coarse_labels"] = [0] * n
+        _dump_like_cifar(batch, folder / split)
+    _dump_like_cifar({b"fine_label_names": [f"f{i}".encode() for i in range(100)],
+                      b"coarse_label_names": [f"c{i}".encode() for i in range(20)]}, folder / "meta")
     ds = data.load("cifar100", "train")
     assert ds.images.shape == (5, 32, 32, 3) and ds.labels.dtype == np.int64
+    assert len(ds.classes) == 100 and ds.classes[3] == "f3"
 
 
 class _Evil:
@@ -313,3 +337,93 @@ def test_list_datasets_names():
     for n in ("fashion-mnist", "mnist", "kmnist", "cifar10", "cifar100", "svhn", "gaussian-noise",
               "fashion-mnist-c", "notmnist", "emnist-letters"):
         assert n in names
+
+
+# ------------------------------------------------------------------ release layouts and bad files
+def _write_idx_set(folder: Path, n=6, seed=0, shape=(28, 28), labels=None, prefix=""):
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.arange(n) % 10 if labels is None else np.asarray(labels)
+    for split in ("train", "t10k"):
+        (folder / f"{prefix}{split}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(idx_bytes(rng.integers(0, 256, (len(labels),) + shape, dtype=np.uint8))))
+        (folder / f"{prefix}{split}-labels-idx1-ubyte.gz").write_bytes(gzip.compress(idx_bytes(labels)))
+
+
+def test_debian_dataset_fashion_mnist_layout_is_found(isolated, tmp_path, monkeypatch):
+    # dataset-fashion-mnist installs the four .gz files flat in /usr/share/datasets/fashion-mnist/
+    system = tmp_path / "usr-share-datasets"
+    _write_idx_set(system / "fashion-mnist")
+    monkeypatch.setattr(registry, "SYSTEM_DATA_DIRS", (system,))
+    assert data.find("fashion-mnist", "test", download=False) == system / "fashion-mnist"
+    ds = data.load("fashion-mnist", "test", verify=False)
+    assert len(ds) == 6 and ds.meta["source"].startswith(str(system))
+    with pytest.raises(ChecksumError, match="train-images-idx3-ubyte.gz"):  # not the published bytes
+        data.load("fashion-mnist", "train")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(),
+                    reason="Debian's dataset-fashion-mnist is not installed (apt install dataset-fashion-mnist)")
+def test_installed_debian_fashion_mnist_verifies(monkeypatch):
+    # its .gz files were recompressed by Debian: accepted by the checksum of their content
+    monkeypatch.setenv("OODSCOPE_DATA", "")
+    monkeypatch.setenv("OODSCOPE_CACHE", "/nonexistent-oodscope-cache")
+    clear_verification_cache()
+    data.clear_cache()
+    ds = data.load("fashion-mnist", "test", download=False)
+    assert ds.meta["source"].startswith("/usr/share/datasets/fashion-mnist")
+    assert np.bincount(ds.labels).tolist() == [1000] * 10
+    data.clear_cache()
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("labels_out_of_range", r"labels span 0\.\.12, but kmnist has 10 classes"),
+    ("one_label", "all 120 labels are 3"),
+    ("wrong_shape", r"images are \(32, 32\)"),
+    ("swapped", "do not match"),
+])
+def test_idx_files_that_cannot_be_the_dataset_are_refused(isolated, kind, message):
+    d = isolated / "kmnist"
+    if kind == "labels_out_of_range":
+        _write_idx_set(d, labels=np.arange(13))
+    elif kind == "one_label":
+        _write_idx_set(d, labels=np.full(120, 3))
+    elif kind == "wrong_shape":
+        _write_idx_set(d, shape=(32, 32))
+    else:
+        _write_idx_set(d)
+        img, lab = d / "t10k-images-idx3-ubyte.gz", d / "t10k-labels-idx1-ubyte.gz"
+        img_bytes = img.read_bytes()
+        img.write_bytes(lab.read_bytes())
+        lab.write_bytes(img_bytes)
+    with pytest.raises(ValueError, match=message) as err:
+        data.load("kmnist", "test", verify=False)
+    assert "t10k-" in str(err.value)
+
+
+def test_cifar_labels_outside_the_classes_are_refused(isolated):
+    folder = isolated / "cifar10" / "cifar-10-batches-py"
+    _write_cifar10(folder)
+    _dump_like_cifar(_cifar_batch(3, 9, n_classes=100), folder / "test_batch")
+    with pytest.raises(ValueError, match="cifar10 has 10 classes"):
+        data.load("cifar10", "test")
+
+
+def test_openood_image_list_extra_fields(tmp_path):
+    root = tmp_path / "images_classic"
+    for i in range(3):
+        _png(root / "cifar10" / "test" / f"{i}.png", 40 * i, mode="RGB")
+    lst = tmp_path / "test_cifar10.txt"
+    lst.write_text("cifar10/test/0.png {'label': 3, 'soft_label': [0.1, 0.9]}\n"
+                   "cifar10/test/1.png -1\n\ncifar10/test/2.png {'label': 0}\n")
+    ds = data.load_image_list(lst, root=root, progress=False)
+    assert ds.labels.tolist() == [3, -1, 0] and ds.images[1, 0, 0, 0] == 40
+    lst.write_text("cifar10/test/0.png {'x': 1}\n")
+    with pytest.raises(ValueError, match=r"test_cifar10.txt:1: .*no integer 'label'"):
+        data.load_image_list(lst, root=root, progress=False)
+    lst.write_text("cifar10/test/0.png 1\ncifar10/test/1.png\n")
+    with pytest.raises(ValueError, match="some lines have a label"):
+        data.load_image_list(lst, root=root, progress=False)
+    lst.write_text(f"{root}/cifar10/test/0.png 1\n")
+    with pytest.raises(ValueError, match="absolute path"):
+        data.load_image_list(lst, root=root, progress=False)
