@@ -8,14 +8,18 @@ so logit-, feature- and model-based detectors all see a clean, separable problem
 
 from __future__ import annotations
 
+import atexit
+import functools
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from oodscope import Features
+from oodscope.data.registry import cache_root
 
 # Tests use small tensors; one torch thread avoids oversubscription on small CI machines.
 try:  # pragma: no cover - torch is a core dependency
@@ -25,9 +29,78 @@ try:  # pragma: no cover - torch is a core dependency
 except ImportError:  # pragma: no cover
     pass
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-if "OODSCOPE_DATA" not in os.environ and SHARED_DATA.exists():
-    os.environ["OODSCOPE_DATA"] = str(SHARED_DATA)
+# ------------------------------------------------------------------ real data
+# A test that reads a real dataset says so: ``@pytest.mark.requires_data("fashion-mnist",
+# "mnist:test")`` (``name`` = every split of a registered set, ``name:split`` = one split;
+# text sets by their folder name, e.g. ``clinc150``). The data is looked up the way the
+# library looks it up (``$OODSCOPE_DATA``, then the user cache, then /usr/share/datasets,
+# where Debian's dataset-fashion-mnist installs). Missing data skips the test with one line
+# saying how to get it -- except in CI (``CI=true``), where it fails the run.
+# The suite never downloads (OODSCOPE_OFFLINE=1) and never writes to the user cache: the
+# cache moves to a temporary folder, and the user's cache stays readable as a data folder.
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+_USER_CACHE = cache_root()
+os.environ["OODSCOPE_OFFLINE"] = "1"
+os.environ["OODSCOPE_DATA"] = os.pathsep.join(
+    p for p in (os.environ.get("OODSCOPE_DATA"), str(_USER_CACHE)) if p)
+_TEST_CACHE = tempfile.mkdtemp(prefix="oodscope-test-cache-")
+os.environ["OODSCOPE_CACHE"] = _TEST_CACHE
+atexit.register(shutil.rmtree, _TEST_CACHE, ignore_errors=True)
+
+#: Files a text data set needs (image sets are checked against their registry entries).
+TEXT_DATA_FILES = {"clinc150": tuple(f"data_{v}.json" for v in ("full", "small", "imbalanced", "oos_plus"))}
+
+
+@functools.lru_cache(maxsize=None)
+def _data_available(spec: str, search: str) -> bool:
+    from oodscope.data import registry
+
+    name, _, split = spec.partition(":")
+    if name in TEXT_DATA_FILES:
+        return registry.find_dataset_dir(name, TEXT_DATA_FILES[name]) is not None
+    ds = registry.get_spec(name)
+    if ds is None:
+        raise ValueError(f"requires_data({spec!r}): unknown dataset; known: {registry.registered_names()}")
+    for s in [split] if split else list(ds.splits):
+        try:
+            registry.find(name, s, download=False)
+        except FileNotFoundError:
+            return False
+    return True
+
+
+def missing_data(*specs: str) -> list[str]:
+    """The datasets among ``specs`` that cannot be found locally."""
+    return [s for s in specs if not _data_available(s, os.environ.get("OODSCOPE_DATA", ""))]
+
+
+_FETCH = {"clinc150": "oodscope.text.load_clinc150()"}
+
+
+def _how_to_get(missing: list[str]) -> str:
+    names = sorted({m.partition(":")[0] for m in missing})
+    fetch = " / ".join(_FETCH.get(n, f"oodscope.data.load({n!r})") for n in names)
+    hint = (f"needs {', '.join(missing)}: point OODSCOPE_DATA at a folder holding {'/, '.join(names)}/ "
+            f"(our CI: ../shared/data), or download into {_USER_CACHE} with {fetch}")
+    if "fashion-mnist" in names:
+        hint += ", or apt install dataset-fashion-mnist"
+    return hint
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "requires_data(*names): reads real datasets; skipped when they are missing "
+        "(fails instead under CI=true)")
+
+
+@pytest.hookimpl(tryfirst=True)  # before any fixture loads the data
+def pytest_runtest_setup(item):
+    missing = missing_data(*(n for m in item.iter_markers("requires_data") for n in m.args))
+    if missing:
+        if IN_CI:
+            pytest.fail(f"CI=true, but the data is missing: {_how_to_get(missing)}", pytrace=False)
+        pytest.skip(_how_to_get(missing))
+
 
 #: Fields the synthetic problem provides; detectors needing anything else have their own tests.
 SYNTHETIC_FIELDS = {"logits", "features", "labels", "head", "model", "inputs"}

@@ -44,6 +44,7 @@ def tiny_net():
     return net.eval()
 
 
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_fashion_mnist_end_to_end(tiny_net, tmp_path):
     fs = fashion_mnist(net=tiny_net, net_meta={"normalization": {"mean": 0.286, "std": 0.353}},
                        subset=400, cache_dir=tmp_path, fields={"logits", "features", "labels", "head"},
@@ -72,6 +73,7 @@ def test_fashion_mnist_end_to_end(tiny_net, tmp_path):
     assert len(list((tmp_path / "features").glob("*.npz"))) == n_cached
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_fashion_mnist_errors(tiny_net, tmp_path):
     import torch
 
@@ -159,6 +161,7 @@ def test_bench_imagenet_with_vlm_fails_on_missing_data_before_loading_the_model(
     assert "OpenOOD v1.5 image lists" in err and str(tmp_path / "benchmark_imglist") in err
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_fashion_mnist_uses_the_checkpoints_held_out_indices_as_id_val():
     from oodscope import data as D
     from oodscope.bench.vision import fashion_mnist_splits

@@ -21,6 +21,7 @@ def split_data():
     return split_datasets(0, seed=0, val_size=200, subset=80, train_size=96)
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_splits_hold_out_four_classes_and_stay_disjoint(split_data):
     assert len(SPLITS) >= 3 and all(len(s) == 4 for s in SPLITS)
     assert len({tuple(sorted(s)) for s in SPLITS}) == len(SPLITS)
@@ -34,6 +35,7 @@ def test_splits_hold_out_four_classes_and_stay_disjoint(split_data):
         split_datasets(len(SPLITS))
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_near_ood_images_are_the_held_out_classes_only():
     from oodscope import data as D
 
@@ -47,6 +49,7 @@ def test_near_ood_images_are_the_held_out_classes_only():
 
 
 @pytest.mark.parametrize("method", ["ce", "oe", "mixoe", "logitnorm", "abet", "palm", "ascood"])
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_short_end_to_end_run_per_method(method, split_data):
     from oodscope import create as create_detector
     from oodscope.extraction import extract
@@ -77,6 +80,7 @@ def test_short_end_to_end_run_per_method(method, split_data):
     assert np.all(np.isfinite(scores))
 
 
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_provider_returns_near_and_far_sets(split_data, tmp_path):
     from oodscope.models import create
 
@@ -93,6 +97,7 @@ def test_provider_returns_near_and_far_sets(split_data, tmp_path):
                             data=split_data, progress=False)
 
 
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_comparison_table_and_files(tmp_path, monkeypatch):
     budget = TrainBudget(epochs=1, train_size=64, n_outliers=64, batch_size=32)
     res = compare_training("fashion-mnist-split", "ce,oe", seeds=(0,), budget=budget, subset=60,
@@ -125,6 +130,7 @@ def test_comparison_rejects_bad_requests(tmp_path):
         compare_training("cifar10", "ce", budget=TrainBudget(epochs=1, train_size=32))
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_fit_rejects_outliers_of_the_wrong_shape_before_the_first_step(split_data):
     from oodscope.data.dataset import ImageDataset
 
@@ -140,6 +146,7 @@ def test_fit_rejects_outliers_of_the_wrong_shape_before_the_first_step(split_dat
     assert not steps
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_split_datasets_uses_held_out_indices_as_id_val():
     d = split_datasets(0, seed=0, val_indices=np.arange(0, 600, 2), subset=None, train_size=None)
     from oodscope import data as D

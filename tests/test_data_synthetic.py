@@ -55,6 +55,7 @@ def test_corrupt_rgb_and_validation(clean):
                                   data.corrupt(clean, "gaussian_noise", 2, seed=5))
 
 
+@pytest.mark.requires_data("fashion-mnist:test")
 def test_fashion_mnist_c():
     clean = data.load("fashion-mnist", "test")
     ds = data.load("fashion-mnist-c", kind="contrast", severity=4)

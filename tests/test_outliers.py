@@ -133,6 +133,7 @@ def test_default_outlier_sources_never_overlap_benchmark_test_ood(benchmark):
         check_no_leak(src, test_ood)
 
 
+@pytest.mark.requires_data("mnist:test")
 def test_leak_check_refuses_a_test_ood_dataset():
     src = get_outlier_source("dataset:mnist/test", image_shape=(28, 28), n=50)
     assert src.meta["provenance"] == ["mnist"]

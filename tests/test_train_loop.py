@@ -22,6 +22,7 @@ def tiny(seed=0):
     return models.create("small_cnn", 10, width=4, feature_dim=16)
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_fit_decreases_loss(subset):
     net = tiny()
     mean, std = data.channel_stats(subset)
@@ -35,6 +36,7 @@ def test_fit_decreases_loss(subset):
     assert not net.training
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_same_seed_same_weights_other_seed_differs(subset):
     def run(seed):
         net, _ = fit(tiny(0), subset, epochs=1, batch_size=64, seed=seed, progress=False,
@@ -57,6 +59,7 @@ class ExplodeAt(Objective):
         return (loss * math.nan if self.calls >= self.step else loss), logs
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_nan_loss_stops_with_step_and_causes(subset):
     with pytest.raises(NonFiniteLossError, match=r"(?s)step 3 .*learning rate") as err:
         fit(tiny(), subset, epochs=2, batch_size=32, objective=ExplodeAt(3), progress=False)
@@ -89,6 +92,7 @@ class Recorder(Objective):
         self.epochs.append(epoch)
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_outliers_cycle_objective_params_and_hooks(subset):
     obj = Recorder()
     outliers = data.uniform_noise(40, (28, 28), seed=0)
@@ -100,6 +104,7 @@ def test_outliers_cycle_objective_params_and_hooks(subset):
     assert hist["logs"][0]["n_out"] > 0
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_outlier_errors(subset):
     with pytest.raises(ValueError, match="needs auxiliary outliers"):
         fit(tiny(), subset, objective=Recorder(), progress=False)
@@ -108,6 +113,7 @@ def test_outlier_errors(subset):
         fit(tiny(), subset, objective=Recorder(), outliers=empty, progress=False, max_steps=2)
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_tensor_input_max_steps_sgd_and_checkpoint(tmp_path, subset):
     X = data.to_tensor(subset.images, 0.286, 0.353)
     y = torch.as_tensor(subset.labels)
@@ -124,6 +130,7 @@ def test_tensor_input_max_steps_sgd_and_checkpoint(tmp_path, subset):
         fit(tiny(), (X, y), optimizer="lbfgs", progress=False)
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_cli_train_writes_checkpoint(tmp_path, capsys):
     from oodscope.cli import main
 
@@ -149,6 +156,7 @@ def test_cli_help_explains_every_option(capsys):
         assert opt in text
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_cli_outlier_method(tmp_path):
     from oodscope.cli import main
     from oodscope.train import list_objectives
@@ -166,6 +174,7 @@ def test_cli_outlier_method(tmp_path):
     assert meta["history"]["steps"] == 2
 
 
+@pytest.mark.requires_data("fashion-mnist")
 def test_uint8_tuple_input_is_scaled(subset):
     _, hist = fit(tiny(), (subset.images, subset.labels), epochs=1, batch_size=64, max_steps=2, progress=False)
     assert math.isfinite(hist["train_loss"][0])

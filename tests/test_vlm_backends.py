@@ -9,7 +9,6 @@ lists, the feature cache, the benchmark providers and the CLI.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -391,8 +390,7 @@ def test_vlm_benchmarks_are_registered_and_need_a_vlm():
         get_benchmark("imagenet-vlm").provider(vlm=None)
 
 
-@pytest.mark.skipif(not (Path(os.environ.get("OODSCOPE_DATA", "/nonexistent")) / "fashion-mnist").exists(),
-                    reason="Fashion-MNIST data not available")
+@pytest.mark.requires_data("fashion-mnist")
 def test_cli_bench_with_vlm(tiny, tmp_path):
     from oodscope.cli import main
 
