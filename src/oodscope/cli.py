@@ -15,6 +15,9 @@ SUBCOMMANDS = {
     "list": ("oodscope.listing", "table of every detector: what it needs, defaults, reference"),
     "train": ("oodscope.train.cli", "train a reference network (optionally with an OOD-aware objective)"),
     "bench": ("oodscope.bench.cli", "run a benchmark: extract once, tune on validation, report"),
+    "fit": ("oodscope.commands.fit", "fit a detector and calibrate its threshold; save a guard"),
+    "score": ("oodscope.commands.score", "score a feature file with a saved guard (CSV out)"),
+    "serve": ("oodscope.commands.serve", "serve a saved guard over HTTP (FastAPI + uvicorn)"),
 }
 
 
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError) as exc:
         print(f"oodscope {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

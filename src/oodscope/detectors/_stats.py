@@ -11,6 +11,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .._state import persistable
+
 from .._numeric import single_threaded_blas
 
 __all__ = [
@@ -178,6 +180,7 @@ def whitening_from_precision(precision: np.ndarray) -> np.ndarray:
 _SCORE_BLOCK = 2048
 
 
+@persistable
 class GaussianScorer:
     """Squared Mahalanobis distances to a set of means under one shared precision.
 
@@ -205,6 +208,24 @@ class GaussianScorer:
         wm = (means - self.center) @ whiten
         self.wmeans = wm.astype(self.dtype)
         self.wmeans_sq = np.einsum("ij,ij->i", wm, wm)
+
+    def get_state(self) -> dict:
+        return {"dtype": self.dtype, "center": self.center, "whiten": self.whiten,
+                "wmeans": self.wmeans, "wmeans_sq": self.wmeans_sq}
+
+    @classmethod
+    def from_state(cls, state: dict) -> "GaussianScorer":
+        self = cls.__new__(cls)
+        self.dtype = np.dtype(state["dtype"])
+        self.center = np.asarray(state["center"], dtype=np.float64)
+        self.whiten = np.asarray(state["whiten"], dtype=self.dtype)
+        self.wmeans = np.asarray(state["wmeans"], dtype=self.dtype)
+        self.wmeans_sq = np.asarray(state["wmeans_sq"], dtype=np.float64)
+        d = len(self.center)
+        if self.whiten.shape[0] != d or self.wmeans.shape[1:] != self.whiten.shape[1:]:
+            raise ValueError("inconsistent Gaussian scorer shapes")
+        self._lower = np.asfortranarray(self.whiten) if _is_lower(self.whiten) else None
+        return self
 
     def sq_distances(self, x: np.ndarray, chunk_size: int | None = None) -> np.ndarray:
         """(n, n_means) float64 squared Mahalanobis distances."""

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._state import persistable
 from .._numeric import (
     l2_normalize,
     logsumexp,
@@ -325,6 +326,7 @@ def _default_pq_m(d: int) -> int:
     return d
 
 
+@persistable
 class _InnerProductIndex:
     """Top-k inner-product search over a float32 bank: faiss when available, else numpy.
 
@@ -404,6 +406,53 @@ class _InnerProductIndex:
         self.index = index
 
     _CACHE_ENTRIES = 4
+
+    def get_state(self) -> dict[str, Any]:
+        """Arrays only (see `oodscope.persistence`): an exact index keeps its vectors and is
+        rebuilt on load; an approximate faiss index keeps its trained cells through faiss's
+        own binary format, held as a uint8 array (no pickle)."""
+        state: dict[str, Any] = {"kind": self.kind, "size": self.size}
+        if self.index is None:
+            state["bank"] = self.bank
+        elif self.kind == "flat":
+            state["vectors"] = self.index.reconstruct_n(0, self.index.ntotal)
+        else:
+            faiss = _import_faiss()
+            state["faiss_index"] = np.asarray(faiss.serialize_index(self.index), dtype=np.uint8)
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> "_InnerProductIndex":
+        self = cls.__new__(cls)
+        self.kind, self.size = str(state["kind"]), int(state["size"])
+        self.bank, self.index = None, None
+        if self.kind not in _INDEX_KINDS:
+            raise ValueError(f"unknown index kind {self.kind!r}")
+        if "bank" in state:
+            self.bank = np.asarray(state["bank"], dtype=np.float32)
+            stored = len(self.bank)
+        else:
+            faiss = _import_faiss()
+            if faiss is None:
+                raise ValueError("this detector was saved with a faiss index; pip install faiss-cpu")
+            if "vectors" in state:
+                vectors = np.ascontiguousarray(state["vectors"], dtype=np.float32)
+                if vectors.ndim != 2:
+                    raise ValueError("index vectors must be a 2-D array")
+                self.index = faiss.IndexFlatIP(vectors.shape[1])
+                self.index.add(vectors)
+            else:
+                blob = np.asarray(state["faiss_index"])
+                if blob.dtype != np.uint8 or blob.ndim != 1:
+                    raise ValueError("faiss_index must be a 1-D uint8 array")
+                try:
+                    self.index = faiss.deserialize_index(blob)
+                except RuntimeError as exc:
+                    raise ValueError(f"unreadable faiss index: {exc}") from None
+            stored = self.index.ntotal
+        if stored != self.size:
+            raise ValueError(f"the index holds {stored} vectors, the state says {self.size}")
+        return self
 
     def search(
         self, queries: np.ndarray, k: int, chunk_size: int | None = None

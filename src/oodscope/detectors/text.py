@@ -107,6 +107,45 @@ class LMLikelihoodRatio(Detector):
                 device=self.device, progress=False)
         self.base_, self.finetuned_, self.tokenizer_ = base, finetuned, tok
 
+    _MODELS = ("base_", "finetuned_", "tokenizer_")
+
+    def get_state(self) -> dict[str, Any]:
+        """The loaded LMs are not data: the base LM (and a given fine-tuned one) are reloaded
+        from their parameters; an LM fine-tuned in ``fit`` is saved as config + weights."""
+        state = {k: v for k, v in super().get_state().items() if k not in self._MODELS}
+        if self.finetuned_model is None:
+            model = self.finetuned_
+            if hasattr(model, "merge_and_unload"):  # LoRA: save the merged weights
+                import copy
+
+                model = copy.deepcopy(model).merge_and_unload()
+            state["finetuned_config_"] = model.config.to_dict()
+            state["finetuned_weights_"] = dict(model.state_dict())
+        return state
+
+    def set_state(self, state: dict[str, Any]) -> "LMLikelihoodRatio":
+        from ..text.lm import load_causal_lm
+
+        state = dict(state)
+        config, weights = state.pop("finetuned_config_", None), state.pop("finetuned_weights_", None)
+        super().set_state(state)
+        if self.base_model is None:
+            raise ValueError("lm_ratio was saved with a loaded base LM object; pass it back: "
+                             "oodscope.load(path, base_model=..., tokenizer=...).")
+        base, tok = load_causal_lm(self.base_model, self.tokenizer, self.device)
+        if weights is None:
+            finetuned, _ = load_causal_lm(self.finetuned_model, tok, self.device)
+        else:
+            import transformers as tr  # present: the base LM above was loaded with it
+
+            config = dict(config)
+            cfg = tr.AutoConfig.for_model(config.pop("model_type"), **config)
+            finetuned = tr.AutoModelForCausalLM.from_config(cfg)
+            finetuned.load_state_dict(weights)
+            finetuned = finetuned.to(self.device).eval()
+        self.base_, self.finetuned_, self.tokenizer_ = base, finetuned, tok
+        return self
+
     def _score(self, x: Features) -> np.ndarray:
         from ..text.lm import likelihood_ratio
 

@@ -115,6 +115,8 @@ class _ZeroShot(Detector):
     requires = frozenset({"image_embeds"})
     fit_fields = None
     min_fit_samples = 1
+    #: the loaded encoder is only needed to embed prompts in ``fit``; not saved
+    transient_state = frozenset({"encoder_"})
 
     def _check_common(self) -> None:
         if self.text_embeds is None and self.encoder is None:

@@ -1,0 +1,1 @@
+"""Subcommands of the ``oodscope`` command that ship a detector: fit, score, serve."""

@@ -1,0 +1,120 @@
+"""A fitted example of every registered detector, with data to score.
+
+`fitted_example(name)` returns ``(detector, train, test)``: the detector fitted on
+``train`` (or on nothing, for zero-shot ones) and Features it can score. Detectors the
+synthetic problem of conftest.py feeds are built from it; the others (CLIP, text, AbeT)
+get a small problem of their own. A registered detector without an example makes
+`test_every_detector_has_an_example` fail, so new detectors cannot skip the round trip.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+
+import oodscope as ood
+from oodscope import Features
+from oodscope.detectors import get_detector_class
+
+from conftest import SYNTHETIC_FIELDS, _make_problem, make_detector
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@lru_cache(maxsize=None)
+def _problem():
+    return _make_problem()
+
+
+@lru_cache(maxsize=None)
+def _clip_space():
+    rng = np.random.default_rng(0)
+    d, c, m = 32, 4, 40
+    basis = np.linalg.qr(rng.standard_normal((d, d)))[0]
+    text = basis[:c]
+    neg = _unit(basis[c:c + 8][rng.integers(0, 8, m)] + 0.3 * rng.standard_normal((m, d)))
+
+    def images(n, ood):
+        centre = neg[rng.integers(0, m, n)] if ood else text[rng.integers(0, c, n)]
+        img = _unit(centre + 0.35 * rng.standard_normal((n, d)))
+        local = _unit(centre[:, None, :] + 0.45 * rng.standard_normal((n, 5, d)))
+        logits = np.where(ood, 0.0, 3.0) * (img @ text.T)
+        return Features(logits=logits.astype(np.float32), labels=np.full(n, -1) if ood else
+                        (img @ text.T).argmax(1), extras={"image_embeds": img, "local_embeds": local})
+
+    return text, neg, images(120, False), images(60, False), images(60, True)
+
+
+def _clip_example(name):
+    text, neg, train, test_id, test_ood = _clip_space()
+    test = Features.concat([test_id, test_ood])
+    kw = {"text_embeds": text}
+    if name in ("neglabel", "adaneg"):
+        kw.update(neg_text_embeds=neg, n_negatives=20, n_groups=2)
+    if name == "clipn":
+        kw.update(no_text_embeds=_unit(text + 0.5 * neg[:4]))
+    if name == "cooked":
+        kw.update(probe_epochs=5)
+        return ood.create(name, **kw).fit(train), train, test
+    return ood.create(name, **kw).fit(), None, test
+
+
+def _abet_example():
+    rng = np.random.default_rng(0)
+    f = Features(logits=rng.normal(size=(50, 5)).astype(np.float32),
+                 extras={"temperature": rng.uniform(0.2, 1.0, 50).astype(np.float32)})
+    return ood.create("abet").fit(), None, f
+
+
+@lru_cache(maxsize=None)
+def _tiny_lm():
+    import tokenizers
+    import torch
+    import transformers
+
+    words = "the rain snow wind sun bake boil bread rice team goal bank loan".split()
+    vocab = {tok: i for i, tok in enumerate(["<pad>", "<unk>", "<s>", "</s>", *words])}
+    core = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>",
+                                               eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    cfg = transformers.GPT2Config(vocab_size=len(vocab), n_positions=16, n_embd=16, n_layer=1,
+                                  n_head=2, bos_token_id=2, eos_token_id=3, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg), tok
+
+
+def _lm_example():
+    from oodscope.text import text_array
+
+    base, tok = _tiny_lm()
+    train = Features(extras={"text": text_array(["the rain", "the snow wind", "bake the bread"] * 4)})
+    test = Features(extras={"text": text_array(["the sun rain", "team goal bank loan"])})
+    det = ood.create("lm_ratio", base_model=base, tokenizer=tok, finetune_steps=3,
+                     finetune_batch_size=4, lora=False, max_length=8)
+    return det.fit(train), train, test
+
+
+def has_example(name: str) -> bool:
+    cls = get_detector_class(name)
+    return (cls.all_requirements() <= SYNTHETIC_FIELDS or "image_embeds" in cls.requires
+            or name in ("abet", "lm_ratio"))
+
+
+def fitted_example(name: str):
+    """``(fitted detector, train Features or None, Features to score)``."""
+    cls = get_detector_class(name)
+    if "image_embeds" in cls.requires:
+        return _clip_example(name)
+    if name == "abet":
+        return _abet_example()
+    if name == "lm_ratio":
+        return _lm_example()
+    p = _problem()
+    det = make_detector(name, p)
+    train = p.train if cls.fit_fields is not None else None
+    det.fit(train)
+    return det, train, Features.concat([p.test_id[:40], p.test_ood[:40]])
