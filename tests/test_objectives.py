@@ -277,18 +277,24 @@ def test_palm_loss_matches_hand_computation_and_keeps_unit_prototypes():
     z = np.maximum(h @ p1.weight.detach().numpy().T + p1.bias.detach().numpy(), 0)
     z = z @ p2.weight.detach().numpy().T + p2.bias.detach().numpy()
     z /= np.linalg.norm(z, axis=1, keepdims=True)
-    q = _np_sinkhorn(z @ protos.T - (z @ protos.T).max(), 0.05, 3)
     labels = np.repeat(np.arange(C), 3)
-    q = q * (y.numpy()[:, None] == labels[None])
-    w = np.zeros_like(q)
-    for i in range(len(q)):
-        top = np.argsort(-q[i])[:2]
-        w[i, top] = q[i, top]
-    w /= w.sum(1, keepdims=True)
-    logits = z @ protos.T / 0.1
-    mle = np.mean(-(w * logits).sum(1) + _lse(logits))
-    upd = 0.9 * protos + 0.1 * w.T @ z
+
+    def weights(p):
+        q = _np_sinkhorn(z @ p.T - (z @ p.T).max(), 0.05, 3)
+        q = q * (y.numpy()[:, None] == labels[None])
+        w = np.zeros_like(q)
+        for i in range(len(q)):
+            top = np.argsort(-q[i])[:2]
+            w[i, top] = q[i, top]
+        return w / w.sum(1, keepdims=True)
+
+    w = weights(protos)
+    mean_of_assigned = (w / np.maximum(w.sum(0, keepdims=True), 1e-12)).T @ z  # per-prototype weighted mean
+    upd = 0.9 * protos + 0.1 * mean_of_assigned
     upd /= np.linalg.norm(upd, axis=1, keepdims=True)
+    w = weights(upd)  # the assignment is recomputed on the updated prototypes
+    logits = z @ upd.T / 0.1
+    mle = np.mean(-(w * logits).sum(1) + _lse(logits))
     sim = upd @ upd.T / 0.5
     np.fill_diagonal(sim, -np.inf)
     logp = sim - _lse(sim)[:, None]

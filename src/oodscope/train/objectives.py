@@ -333,7 +333,12 @@ class PALM(_Stepped):
     masked to the sample's class, kept to the top ``top_k`` and L1-normalised. Losses:
     ``L_MLE = -sum_j w_j z.p_j / tau + logsumexp_j z.p_j / tau`` (all prototypes) and a
     supervised contrastive loss among the (EMA-updated) prototypes at ``proto_tau``;
-    ``L = L_MLE + lam * L_pcon``. Prototypes: ``p <- normalize(m p + (1 - m) sum_i w_i z_i)``.
+    ``L = L_MLE + lam * L_pcon``. Prototypes, as in the authors' code:
+    ``p_k <- normalize(m p_k + (1 - m) sum_i w~_ik z_i)`` with ``w~`` the weights normalised
+    per prototype (each prototype moves towards the weighted mean of its samples); the
+    Sinkhorn assignment and the logits of ``L_MLE`` then use the updated prototypes. (The
+    authors' code picks the loss's top-k from the pre-update weights; here it comes from
+    the recomputed ones.)
 
     The network's ``fc`` is trained as a linear probe on detached features (cross-entropy),
     so the network still classifies; it does not shape the representation. Scored with the
@@ -386,9 +391,12 @@ class PALM(_Stepped):
         proj = getattr(self, "projection_", None)
         return list(proj.parameters()) if proj is not None else []
 
-    def assignment(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """Class-masked, top-k, L1-normalised Sinkhorn weights ``(B, K)``."""
-        q = sinkhorn(z.detach() @ self.prototypes_.T, self.epsilon, self.sinkhorn_iters)
+    def assignment(self, z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Class-masked, top-k, L1-normalised Sinkhorn weights ``(B, K)`` (against
+        ``prototypes``, default the current ones)."""
+        protos = self.prototypes_ if prototypes is None else prototypes
+        q = sinkhorn(z.detach() @ protos.detach().T, self.epsilon, self.sinkhorn_iters)
         mask = (y.unsqueeze(1) == self.prototype_labels_.unsqueeze(0)).to(q.dtype)
         q = q * mask
         k = min(self.top_k, self.num_prototypes)
@@ -417,9 +425,11 @@ class PALM(_Stepped):
         probe = F.cross_entropy(F.linear(h.detach(), fc.weight, fc.bias), y)
         z = F.normalize(self.projection_(h), dim=1)
         w = self.assignment(z, y)
-        logits = z @ self.prototypes_.T / self.tau
+        per_proto = w / w.sum(dim=0, keepdim=True).clamp_min(1e-12)  # each prototype: weights sum to 1
+        updated = F.normalize(self.momentum * self.prototypes_ + (1 - self.momentum) * (per_proto.T @ z), dim=1)
+        w = self.assignment(z, y, updated)
+        logits = z @ updated.detach().T / self.tau
         mle = (-(w * logits).sum(dim=1) + torch.logsumexp(logits, dim=1)).mean()
-        updated = F.normalize(self.momentum * self.prototypes_ + (1 - self.momentum) * (w.T @ z), dim=1)
         pcon = self.prototype_contrastive(updated)
         loss = mle + self.lam * pcon + self.probe_weight * probe
         _check_finite(loss, "PALM", step, "collapsed (all-zero) projections.")
