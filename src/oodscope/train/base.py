@@ -26,11 +26,12 @@ def register_objective(name: str):
 def _load() -> None:
     import importlib
 
-    try:
-        importlib.import_module("oodscope.train.objectives")
-    except ModuleNotFoundError as exc:
-        if exc.name != "oodscope.train.objectives":
-            raise
+    for module in ("oodscope.train.objectives", "oodscope.train.hvcm"):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
 
 
 def create_objective(name: str, **params: Any) -> "Objective":
