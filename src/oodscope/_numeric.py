@@ -51,11 +51,36 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.exp(log_softmax(x, axis=axis))
 
 
-def l2_normalize(x: np.ndarray, axis: int = -1, eps: float = 1e-12) -> np.ndarray:
-    """Divide by the L2 norm; zero rows stay zero instead of becoming NaN."""
+#: Row norms inside these bounds are computed directly; outside them (where squaring the
+#: entries overflows or underflows, e.g. features in units of 1e30 or 1e-30) rows are first
+#: divided by their largest magnitude, so normalising never depends on the units.
+_SAFE_NORM = {np.dtype(np.float32): (1e-15, 1e15), np.dtype(np.float64): (1e-150, 1e150)}
+
+
+def l2_normalize(x: np.ndarray, axis: int = -1, dtype: type | None = None) -> np.ndarray:
+    """Divide by the L2 norm along ``axis``; zero rows stay zero instead of becoming NaN.
+
+    Works in the input's precision (float32 for float16/float32, float64 otherwise) and is
+    scale-invariant whatever the magnitude: rows whose norm would overflow or underflow are
+    rescaled by their max-abs first. ``dtype`` casts the unit-norm result (e.g. float64
+    features normalised in float64, then stored as float32).
+    """
     x = np.asarray(x)
-    norm = np.linalg.norm(x, axis=axis, keepdims=True)
-    return x / np.maximum(norm, eps)
+    if x.dtype not in _SAFE_NORM:
+        x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
+    lo, hi = _SAFE_NORM[x.dtype]
+    with np.errstate(over="ignore", under="ignore"):
+        norm = np.linalg.norm(x, axis=axis, keepdims=True)
+    extreme = ~((norm >= lo) & (norm <= hi))
+    if extreme.any():
+        peak = np.max(np.abs(x), axis=axis, keepdims=True)
+        divisor = np.where(extreme & (peak > 0), peak, 1.0).astype(x.dtype)
+        x = x / divisor
+        with np.errstate(over="ignore", under="ignore"):
+            norm = np.where(extreme, np.linalg.norm(x, axis=axis, keepdims=True), norm)
+        norm = np.where(norm > 0, norm, 1.0).astype(x.dtype)  # all-zero rows
+    out = x / norm
+    return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def shrunk_covariance_inverse(cov: np.ndarray, shrinkage: float = 1e-3) -> np.ndarray:

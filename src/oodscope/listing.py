@@ -25,6 +25,9 @@ def run(args: argparse.Namespace) -> int:
     with pd.option_context("display.max_rows", None, "display.max_colwidth", 60, "display.width", 200):
         print(df[cols].to_string(index=False))
     print(f"\n{len(df)} detectors. Higher score = more in-distribution for every one.")
+    for _, row in df[df["scoring"] != "per sample"].iterrows():
+        print(f"{row['name']} is {row['scoring']}; reset() starts a new stream.")
+    print("Every other detector scores each sample on its own (a batch = its rows one by one).")
     if args.csv:
         df.to_csv(args.csv, index=False)
     return 0

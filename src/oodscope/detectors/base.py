@@ -128,6 +128,7 @@ def detector_info() -> "Any":
                 "fit_requires": ",".join(sorted(cls.fit_requirements())),
                 "defaults": ", ".join(f"{k}={v!r}" for k, v in cls._defaults().items()),
                 "search_space": ", ".join(f"{k}={v}" for k, v in cls.search_space.items()),
+                "scoring": f"stateful: {cls.stream_note}" if cls.stateful else "per sample",
                 "reference": cls.reference,
             }
         )
@@ -154,6 +155,9 @@ class Detector:
     #: Whether scores depend on what was scored before (a test-time memory, e.g. AdaNeg):
     #: such detectors are reset and scored as one seeded ID/OOD stream (`score_mixed`).
     stateful: ClassVar[bool] = False
+    #: For a ``stateful`` detector: how the scores of a batch relate to scoring its rows
+    #: (shown by ``oodscope list``). Stateless detectors score every sample on its own.
+    stream_note: ClassVar[str] = ""
     #: Fitted attributes that are caches, rebuilt on demand: `get_state` leaves them out.
     transient_state: ClassVar[frozenset[str]] = frozenset()
     _aliases: ClassVar[tuple[str, ...]] = ()

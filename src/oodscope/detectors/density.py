@@ -172,10 +172,18 @@ def gram_rowsums(layer: np.ndarray, power: int) -> np.ndarray:
     position). With ``F`` the (C, HW) map raised elementwise to ``p``, the Gram matrix is
     ``G = F Fᵀ`` and its row sums ``G·1 = F (Fᵀ 1)`` cost O(C·HW) — no C×C matrix needed.
     Returns ``sign(r)·|r|^(1/p)``, shape (N, C), float64.
+
+    The rooted row sums are homogeneous of degree 2 in the layer values, so each sample is
+    divided by its own max-abs ``m`` before the p-th powers and the result multiplied by
+    ``m²``: ``x**10`` can neither overflow (values near 1e30) nor underflow.
     """
-    f = np.asarray(layer, dtype=np.float64).reshape(len(layer), layer.shape[1], -1) ** power
+    f = np.asarray(layer, dtype=np.float64).reshape(len(layer), layer.shape[1], -1)
+    peak = np.max(np.abs(f), axis=(1, 2), keepdims=True) if f.size else np.ones((len(f), 1, 1))
+    peak = np.where(peak > 0, peak, 1.0)
+    f = (f / peak) ** power
     rows = np.einsum("ncs,ns->nc", f, f.sum(axis=1))
-    return np.sign(rows) * np.abs(rows) ** (1.0 / power)
+    with np.errstate(over="ignore"):  # beyond ~1e154 the result is inf: caught by the caller
+        return np.sign(rows) * np.abs(rows) ** (1.0 / power) * peak[:, 0] ** 2
 
 
 @register("gram")
@@ -264,9 +272,16 @@ class GramDeviation(Detector):
         layers = self._layer_arrays(train, names)
         n = len(train)
         scales = []
-        for arr in layers:
+        for name, arr in zip(["features", *names], layers):
             peak = max(float(np.max(np.abs(arr[sl]))) for sl in iter_chunks(n, self.chunk_size))
-            scales.append(peak if peak > 0 else 1.0)
+            if not peak > 0:
+                raise ValueError(
+                    f"gram: layer `{name}` is zero for every training sample, so its Gram "
+                    "matrices have no range to deviate from (relative deviations are undefined). "
+                    "Check the extraction (a dead layer?), or leave that layer out "
+                    "(layers=[...] without it)."
+                )
+            scales.append(peak)
         self.layer_scales_ = scales
         rng = np.random.default_rng(self.seed)
         is_val = np.zeros(n, dtype=bool)
@@ -329,4 +344,14 @@ class GramDeviation(Detector):
     def _score(self, x: Features) -> np.ndarray:
         layers = self._layer_arrays(x, self.layer_names_)
         pred = np.asarray(x.logits).argmax(1)
-        return -(self._deviations(layers, pred) / self.layer_norms_).sum(1)
+        with np.errstate(over="ignore", invalid="ignore"):
+            total = (self._deviations(layers, pred) / self.layer_norms_).sum(1)
+        if not np.all(np.isfinite(total)):
+            worst = max(float(np.max(np.abs(a))) / s for a, s in zip(layers, self.layer_scales_))
+            raise ValueError(
+                f"gram: {int(np.sum(~np.isfinite(total)))} samples have layer values up to "
+                f"{worst:.1e} times the largest seen in training; their Gram deviations overflow "
+                "float64. Such inputs are far out of distribution, or the features are in other "
+                "units than the training features: extract both the same way."
+            )
+        return -total

@@ -134,11 +134,17 @@ def _check_subsample(subsample: Any) -> None:
         )
 
 
+def _unit32(rows: np.ndarray) -> np.ndarray:
+    """Row-L2-normalised float32 rows. float64 input is normalised in float64 before the
+    cast, so features in any units (1e-30 or 1e30) give the same unit vectors."""
+    return l2_normalize(np.asarray(rows), axis=1, dtype=np.float32)
+
+
 def _normalized32(features: np.ndarray, chunk_size: int | None = None) -> np.ndarray:
     """Row-L2-normalised float32 copy, built chunk by chunk (input may be float16 memmap)."""
     out = np.empty(features.shape, dtype=np.float32)
     for sl in iter_chunks(len(features), chunk_size):
-        out[sl] = l2_normalize(np.asarray(features[sl], dtype=np.float32), axis=1)
+        out[sl] = _unit32(features[sl])
     return out
 
 
@@ -298,7 +304,7 @@ class SSD(Detector):
         feats = x.features
         out = np.empty(len(x))
         for sl in iter_chunks(len(x), self.chunk_size):
-            xn = l2_normalize(np.asarray(feats[sl], dtype=np.float32), axis=1)
+            xn = _unit32(feats[sl])
             out[sl] = -self._scorer_.sq_distances(xn, self.chunk_size)[:, 0]
         return out
 
@@ -484,7 +490,7 @@ class _InnerProductIndex:
 
 
 def _normalized_rows(features: np.ndarray) -> Callable[[Any], np.ndarray]:
-    return lambda idx: l2_normalize(np.asarray(features[idx], dtype=np.float32), axis=1)
+    return lambda idx: _unit32(features[idx])
 
 
 def _recall(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
@@ -1089,7 +1095,8 @@ def _distances_to(f: np.ndarray, point: np.ndarray, block: int = 1024) -> np.nda
         rows = f[start : start + block]
         diff = buf[: len(rows)]
         np.subtract(rows, point, out=diff)
-        out[start : start + len(rows)] = np.einsum("ij,ij->i", diff, diff)
+        # squares in float64: float32 features of magnitude 1e20 and up would overflow
+        out[start : start + len(rows)] = np.einsum("ij,ij->i", diff, diff, dtype=np.float64)
     return np.sqrt(out)
 
 

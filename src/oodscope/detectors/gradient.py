@@ -15,6 +15,7 @@ import numpy as np
 
 from .._numeric import softmax
 from ..features import Features
+from ._checks import refuse_unresolved_scores
 from .base import Detector, register
 
 __all__ = ["ODIN", "IODIN", "GradNorm"]
@@ -125,6 +126,13 @@ class _PerturbedSoftmax(Detector):
                 out[start : start + len(batch)] = softmax(logits / T, axis=1).max(axis=1)
         finally:
             model.train(was_training)
+        if not np.all(np.isfinite(out)):
+            raise ValueError(
+                f"{type(self).__name__}: the network's logits are not finite on "
+                f"{int(np.sum(~np.isfinite(out)))} inputs (max |input| {float(np.max(np.abs(inputs))):.1e}); "
+                "give the inputs in the units the model was trained on."
+            )
+        refuse_unresolved_scores(type(self).__name__, out, inputs, "extras['inputs']")
         return out
 
 

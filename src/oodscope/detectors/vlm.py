@@ -387,6 +387,12 @@ class AdaNeg(NegLabel):
     independent stream (beware: an OOD-only stream then fills only negative slots, which
     flatters the method). Scores are deterministic for a given order and block size.
 
+    A batch is not scored sample by sample. ``score(x)`` equals calling ``score`` on the
+    consecutive blocks of ``stream_batch_size`` rows of ``x``, one call after the other;
+    inside a block every sample is written before any is scored, so a one-row call and the
+    same row inside a batch get different scores. With ``stream_batch_size=1``, ``score(x)``
+    equals scoring the rows of ``x`` one by one, in order.
+
     The text anchors, write rule and entropy follow the authors' OpenOOD-VLM code as far as
     we read it; it was not run side by side with this implementation.
     """
@@ -397,6 +403,8 @@ class AdaNeg(NegLabel):
     score_params = frozenset()  # the memory is per instance: never share a fitted copy
     #: Scores depend on what was scored before (runners: ``reset()`` / `score_mixed`).
     stateful = True
+    stream_note = ("score(x) = score() of its blocks of stream_batch_size rows in turn (each "
+                   "block written to the memory, then scored); stream_batch_size=1 = row by row")
 
     def __init__(self, encoder: Any = None, class_names: Sequence[str] | None = None,
                  text_embeds: Any = None, words: Any = None, neg_text_embeds: Any = None,

@@ -1,0 +1,37 @@
+"""Validation shared by the detector families: hyperparameter checks with one wording, and
+the guard against scores that silently stopped depending on the input."""
+
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["refuse_unresolved_scores"]
+
+#: Inputs whose largest magnitude lies outside this range are "extreme units": float32
+#: networks and softmaxes saturate or underflow there.
+_ORDINARY_MAGNITUDE = (1e-15, 1e15)
+
+
+def refuse_unresolved_scores(who: str, scores: np.ndarray, inputs: np.ndarray, name: str) -> None:
+    """Raise ``ValueError`` when differing inputs of extreme magnitude all got one score.
+
+    A detector that is not scale-invariant (e.g. it runs the network on the inputs) can
+    saturate on inputs in extreme units: every sample then gets the same score and a
+    benchmark would report chance level as if it were a result. Equal scores for equal
+    inputs, or at ordinary magnitudes (a confident batch whose softmax saturates), are
+    left alone.
+    """
+    if len(scores) < 2 or np.ptp(scores) > 0:
+        return
+    rows = np.asarray(inputs).reshape(len(inputs), -1)
+    if not np.any(rows != rows[:1]):
+        return
+    peak = float(np.max(np.abs(rows)))
+    lo, hi = _ORDINARY_MAGNITUDE
+    if lo <= peak <= hi:
+        return
+    raise ValueError(
+        f"{who} gave all {len(scores)} samples the same score although they differ: `{name}` "
+        f"reach magnitude {peak:.1e}, where the computation saturates in floating point. "
+        "Give the inputs in the units the model was trained on (e.g. normalised pixels)."
+    )
