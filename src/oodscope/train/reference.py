@@ -23,6 +23,8 @@ import json
 import time
 from pathlib import Path
 
+from ..data.dataset import holdout_split
+
 __all__ = ["RECIPES", "holdout_split", "reference_model", "reference_path", "train_reference"]
 
 _SMALL = {"model": "small_cnn", "model_kwargs": {"width": 32, "feature_dim": 128}, "epochs": 5,
@@ -43,38 +45,6 @@ RECIPES: dict[str, dict] = {
 
 def _recipe_hash(recipe: dict) -> str:
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def holdout_split(labels, n_val: int, seed: int = 0):
-    """Split positions ``0..len(labels)-1`` into ``(train_idx, val_idx)``, both sorted int64.
-
-    ``val_idx`` holds ``n_val`` positions drawn without replacement, stratified by label:
-    each class gets ``n_val * class_count / N`` of them (largest remainders get the leftover
-    places, ties to the smaller class id), drawn at random within the class. The same
-    ``labels``, ``n_val`` and ``seed`` always give the same split.
-    """
-    import numpy as np
-
-    labels = np.asarray(labels)
-    n = len(labels)
-    if labels.ndim != 1:
-        raise ValueError(f"labels must be 1-D, got shape {labels.shape}.")
-    if not isinstance(n_val, (int, np.integer)) or isinstance(n_val, bool) or not 0 < n_val < n:
-        raise ValueError(f"n_val must be an integer in [1, {n - 1}] (the number of training images "
-                         f"to hold out), got {n_val!r}.")
-    rng = np.random.default_rng(seed)
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = n_val * counts / n
-    take = np.floor(exact).astype(np.int64)
-    leftover = int(n_val - take.sum())
-    if leftover:
-        order = np.lexsort((classes, -(exact - take)))  # largest remainder first
-        take[order[:leftover]] += 1
-    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
-    val_idx = np.sort(np.concatenate(picked)).astype(np.int64)
-    mask = np.ones(n, bool)
-    mask[val_idx] = False
-    return np.flatnonzero(mask).astype(np.int64), val_idx
 
 
 def reference_path(dataset: str, seed: int = 0, cache_dir: str | Path | None = None) -> Path:
@@ -111,9 +81,9 @@ def train_reference(dataset: str = "fashion-mnist", seed: int = 0, progress: boo
     import torch
 
     from .. import data as odata
-    from ..train.base import CrossEntropy
-    from ..train.loop import evaluate, fit
-    from . import create
+    from ..models import create
+    from .base import CrossEntropy
+    from .loop import evaluate, fit
 
     recipe = dict(_recipe(dataset), **overrides)
     train = odata.load(dataset, "train")
@@ -160,7 +130,7 @@ def reference_model(dataset: str = "fashion-mnist", cache_dir: str | Path | None
     ``meta`` holds ``test_accuracy``, ``normalization`` (``mean``/``std`` to pass to
     `oodscope.data.loader`), the ``recipe`` and the training history.
     """
-    from .checkpoint import load_checkpoint, save_checkpoint
+    from ..models.checkpoint import load_checkpoint, save_checkpoint
 
     path = reference_path(dataset, seed, cache_dir)
     if path.exists():
