@@ -35,6 +35,10 @@ class BenchResult:
     info: dict[str, Any]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # ood set -> near/far/covariate
+    #: With ``keep_detectors=True``: the fitted detectors (chosen parameters) and the
+    #: FeatureSet of the first seed, for `oodscope.bench.export` (not written to disk).
+    detectors: dict[str, Any] = field(default_factory=dict, repr=False)
+    feature_set: Any = field(default=None, repr=False)
 
     @property
     def results(self):

@@ -37,7 +37,7 @@ import numpy as np
 
 from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
-from ..metrics import accuracy, bootstrap_replicates, evaluate
+from ..metrics import accuracy, auroc, bootstrap_replicates, evaluate, fpr_at_95_tpr
 from .catalog import get_benchmark
 from .results import COLUMNS, METRIC_COLUMNS, BenchResult, result_row
 from .spec import BenchmarkSpec, Builder, FeatureSet, ProviderOptions, check_names
@@ -148,10 +148,13 @@ def _fit(det: Detector, fs: FeatureSet, tune_params: bool, model_tune_samples: i
     if not space:
         t0 = time.perf_counter()
         fitted = det.fit(fs.train if type(det).fit_fields is not None else None)
+        t_fit = time.perf_counter() - t0
         note = "defaults (no search space)" if tune_params else "defaults (--no-tune)"
         params = public_params(det.get_params())
+        v_id, v_ood = score_pair(fitted, fs.val_id, fs.val_ood, seed)
         return _Fitted(fitted, params, {"params": params, "candidates": [], "n_fits": 1, "seconds": 0.0,
-                                        "note": note}, fit_s=time.perf_counter() - t0)
+                                        "note": note, "val_auroc": float(auroc(v_id, v_ood)),
+                                        "val_fpr_at_95_tpr": float(fpr_at_95_tpr(v_id, v_ood))}, fit_s=t_fit)
     vi, vo = fs.val_id, fs.val_ood
     if "model" in type(det).all_requirements() and model_tune_samples:
         rng = np.random.default_rng(seed)
@@ -159,8 +162,10 @@ def _fit(det: Detector, fs: FeatureSet, tune_params: bool, model_tune_samples: i
         vo = vo[np.sort(rng.permutation(len(vo))[:model_tune_samples])]
     tr = tune(det, fs.train, vi, vo, search_space=space, seed=seed)
     t_tune = tr.fit_seconds + tr.score_seconds
+    best = next(c for c in tr.candidates if c.get("chosen"))
     return _Fitted(tr.detector, tr.best_params,
-                   {"params": tr.best_params, "candidates": tr.candidates, "n_fits": tr.n_fits, "seconds": t_tune},
+                   {"params": tr.best_params, "candidates": tr.candidates, "n_fits": tr.n_fits, "seconds": t_tune,
+                    "val_auroc": best["val_auroc"], "val_fpr_at_95_tpr": best["val_fpr_at_95_tpr"]},
                    fit_s=tr.fit_seconds / max(tr.n_fits, 1), tune_s=t_tune)
 
 
@@ -284,6 +289,7 @@ def run(
     default_detectors: Sequence[str] | None = None,
     model_tune_samples: int | None = 1000,
     keep_scores: bool = True,
+    keep_detectors: bool = False,
     progress: bool = True,
 ) -> BenchResult:
     """Fit, tune and score detectors on one `FeatureSet`; return a `BenchResult`.
@@ -292,6 +298,9 @@ def run(
     detector's defaults; ``full_spectrum=True`` adds rows (``mode="full-spectrum"``) where
     the covariate-shifted sets count as ID. ``model_tune_samples`` caps the validation
     samples used when tuning detectors that re-run the network (they are the slow ones).
+    Every detector's validation AUROC / FPR@95 (ID-val vs the validation OOD set, with the
+    chosen parameters) is recorded in ``tuning``; ``keep_detectors=True`` also keeps the
+    fitted detectors and the FeatureSet on the result (for `oodscope.bench.export`).
     """
     from tqdm.auto import tqdm
 
@@ -301,6 +310,7 @@ def run(
     tuning: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
     scores: dict[str, dict[str, np.ndarray]] = {}
+    kept: dict[str, Detector] = {}
     bar = tqdm(chosen, desc=f"{benchmark}: detectors", unit="det", disable=not progress, leave=False)
     for name, det in bar:
         bar.set_postfix_str(name)
@@ -318,6 +328,8 @@ def run(
         tuning[name] = fitted.tuning
         timings.append({**timing, "score_s": s.seconds, "status": "ok",
                         "uses_model": "model" in type(det).all_requirements()})
+        if keep_detectors:
+            kept[name] = fitted.detector
         if keep_scores:
             scores[name] = {"test_id": s.id, **s.ood, **{f"{k} (as ID)": v for k, v in s.covariate.items()}}
         rows += _rows(benchmark, seed, name, s, groups, full_spectrum, ci, n_boot, fitted.params)
@@ -327,7 +339,8 @@ def run(
     info = _run_info(fs, ood_sets, covariate, full_spectrum=full_spectrum, tuned=tune_params, seed=seed,
                      ci=ci, n_boot=n_boot)
     groups.update({k: "covariate" for k in covariate})
-    return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups)
+    return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups,
+                       detectors=kept, feature_set=fs if keep_detectors else None)
 
 
 # --------------------------------------------------------------------------- a benchmark
@@ -424,7 +437,8 @@ def run_benchmark(
         results.append(run(fs, detectors, benchmark=spec.name if spec else "custom", ood=ood,
                            tune_params=tune_params, full_spectrum=full_spectrum, ci=ci, n_boot=n_boot, seed=s,
                            default_detectors=default, progress=progress, keep_scores=(s == seeds[0]),
-                           **run_kwargs))
+                           **{**run_kwargs, "keep_detectors": run_kwargs.get("keep_detectors", False)
+                              and s == seeds[0]}))
     res = results[0]
     for extra in results[1:]:
         res.rows += extra.rows
