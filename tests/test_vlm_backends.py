@@ -378,6 +378,14 @@ def test_vlm_imagefolder_benchmark_runs(tiny, tmp_path):
     ok = {r["detector"] for r in res.rows if r.get("status", "ok") in ("ok", None, "") and r.get("auroc") is not None}
     assert {"mcm", "glmcm", "neglabel", "adaneg"} <= ok, res.rows
     assert "cooked" in res.skipped and "logits" in res.skipped["cooked"]
+    # the same benchmark from the command line
+    from oodscope.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["bench", "vlm-imagefolder", "--vlm", f"hf:{tiny['dir']}", "--id", str(id_dir),
+               "--ood", str(ood_dirs["noise"]), "--detectors", "mcm", "--no-tune", "--n-boot", "0",
+               "--no-report", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0 and "noise" in (out / "results.csv").read_text()
 
 
 def test_vlm_benchmarks_are_registered_and_need_a_vlm():

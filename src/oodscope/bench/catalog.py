@@ -100,7 +100,8 @@ def _clip_specs() -> list[BenchmarkSpec]:
     return [
         BenchmarkSpec(
             "vlm-imagefolder",
-            "CLIP zero-shot: ID classes = sub-folders of id_dir, OOD = folders; needs vlm=, id_dir=, ood_dirs=",
+            "CLIP zero-shot on your folders: --id DIR (one sub-folder per class, names from the folders or "
+            "--class-names) --ood DIR [--ood DIR ...]; needs --vlm",
             f"{_CLIP}:build_imagefolder_clip", modality="clip", id_set="the sub-folders of id_dir",
             val_ood=GENERATED_VAL_OOD, default_detectors=VLM_DETECTORS, options={"vlm", "class_names"},
             params={"id_dir": None, "ood_dirs": None, "near_ood": (), "train_dir": None, "val_ood_dir": None,

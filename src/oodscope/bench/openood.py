@@ -25,10 +25,6 @@ class OpenOODProtocol:
     val_ood_description: str = ""
     list_roots: dict[str, str] = field(default_factory=dict)  # set -> images folder if different
 
-    def expected_paths(self, root: Path) -> list[Path]:
-        lists = {**self.lists, **self.near, **self.far, **self.covariate}
-        return [root / p for p in lists.values()]
-
     def needed(self, wants, covariate: bool = True) -> dict[str, str]:
         """The lists a run reads: every split, the OOD sets ``wants(name)`` accepts, and the
         covariate sets (when ``covariate``)."""

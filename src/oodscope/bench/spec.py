@@ -212,12 +212,6 @@ class BenchmarkSpec:
         """Every test OOD set and covariate-shifted ID set, what ``--ood`` may name."""
         return (*self.near, *self.far, *self.covariate)
 
-    def group_of(self, name: str) -> str:
-        for group in ("near", "far", "covariate"):
-            if name in getattr(self, group):
-                return group
-        raise ValueError(f"Benchmark {self.name!r} has no OOD set {name!r}; it has {list(self.ood_names)}.")
-
     def builder(self) -> Builder:
         """The build function (imported from ``"module:function"`` on first use)."""
         if callable(self.build):
