@@ -1,7 +1,7 @@
 """Reference networks trained with a fixed recipe, once, then cached.
 
 `reference_model("fashion-mnist")` trains `SmallCNN` on the Fashion-MNIST training set with
-the recipe below (about 91-92% test accuracy; a few minutes on two CPU cores) and stores the
+the recipe below (see RECIPES for the accuracy each reaches; minutes on two CPU cores) and stores the
 checkpoint under ``~/.cache/oodscope/models`` (``$OODSCOPE_CACHE/models``). The file name
 holds a hash of the recipe, so changing the recipe trains a new model instead of reusing a
 stale one. A lock file keeps two processes from training the same model at once.
@@ -33,8 +33,11 @@ _SMALL = {"model": "small_cnn", "model_kwargs": {"width": 32, "feature_dim": 128
 
 #: default training recipe per dataset
 RECIPES: dict[str, dict] = {
-    # 5,000 of the 60,000 training images are held out as the benchmark's ID-validation set
-    "fashion-mnist": dict(_SMALL, val_holdout=5000),
+    # 5,000 of the 60,000 training images are held out as the benchmark's ID-validation set.
+    # BatchNorm before the penultimate ReLU keeps all 128 feature units alive (without it 66
+    # died, capping KNN / ViM); shifts and flips and 8 epochs lift test accuracy above 93%.
+    "fashion-mnist": dict(_SMALL, model_kwargs={"width": 32, "feature_dim": 128, "feature_norm": True},
+                          epochs=8, augment={"shift": 2, "flip": True}, val_holdout=5000),
     "mnist": dict(_SMALL, epochs=3),
     "kmnist": dict(_SMALL),
     "cifar10": {"model": "resnet18_cifar", "model_kwargs": {}, "epochs": 30, "batch_size": 128,
