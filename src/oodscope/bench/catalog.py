@@ -8,7 +8,9 @@ nor the text or CLIP stacks. `register_benchmark` adds a benchmark of your own.
 from __future__ import annotations
 
 from .classsplit import FAR_NAME, FMNIST_CLASSES, NEAR_NAME, SPLITS
-from .openood import OPENOOD_PROTOCOLS
+from .metacoco import METACOCO_SPLITS
+from .mixoe import MIXOE_DATASETS
+from .openood import ASCOOD_PROTOCOLS, OPENOOD_PROTOCOLS
 from .spec import BenchmarkSpec
 
 __all__ = ["GENERATED_VAL_OOD", "TEXT_DETECTORS", "VLM_DETECTORS", "get_benchmark", "list_benchmarks",
@@ -162,7 +164,67 @@ def _text_specs() -> list[BenchmarkSpec]:
     ]
 
 
-_BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (*_vision_specs(), *_clip_specs(), *_text_specs())}
+#: the detectors each seed-paper protocol runs by default (its paper's scores, those oodscope has)
+_MIXOE_DETECTORS = ("msp", "maxlogit", "energy", "odin")
+_ASCOOD_DETECTORS = {"waterbirds": ("msp", "energy", "odin", "iodin"), "celeba": ("msp", "energy", "odin", "iodin"),
+                     "cars": ("msp", "energy", "relation", "knn"), "aircraft": ("msp", "energy", "nnguide", "knn")}
+_PROBE_DETECTORS = ("msp", "maxlogit", "energy", "mahalanobis", "knn")
+_FOLDERS = {"id_dir": None, "ood_dirs": (), "near_dirs": (), "val_fraction": 0.2, "test_fraction": 0.3}
+
+
+def _seed_specs() -> list[BenchmarkSpec]:
+    """The protocols of the seed papers: MixOE, ASCOOD, AnimalsMetaCoCo (SPROD), PT-OOD, NOVA."""
+    specs = []
+    for ds, (_, n_id, n_ood) in MIXOE_DATASETS.items():
+        specs.append(BenchmarkSpec(
+            f"mixoe-{ds}",
+            f"MixOE fine-grained {ds} (WACV 2023 split files, split=0..): {n_id} ID classes; near OOD 'fine' = "
+            f"the {n_ood} held-out classes, far OOD 'coarse' = the other MixOE datasets; needs --model and the data",
+            "oodscope.bench.mixoe:build_mixoe", id_set=f"{n_id} {ds} classes drawn by MixOE's split seed",
+            near=("fine",), far=("coarse",), val_ood=GENERATED_VAL_OOD,
+            val_ood_reason="MixOE tunes on WebVision; generated outliers from ID-val images need no extra "
+                           "download and touch no test set.",
+            default_detectors=_MIXOE_DETECTORS, options={"model", "data_root"}, params={"dataset": ds, "split": 0}))
+    for name, proto in ASCOOD_PROTOCOLS.items():
+        setting = "spurious" if proto.num_classes == 2 else "fine-grained"
+        specs.append(BenchmarkSpec(
+            name,
+            f"ASCOOD {setting} setting {name[7:]}: near {'/'.join(proto.near)}, far {'/'.join(proto.far)}; "
+            "needs --model and ASCOOD's data",
+            f"{_IMAGES}:build_openood", id_set=f"{name[7:]} ({proto.num_classes} classes)", near=tuple(proto.near),
+            far=tuple(proto.far), val_ood=proto.val_ood_description, val_ood_reason=OPENOOD_VAL_WHY,
+            default_detectors=_ASCOOD_DETECTORS[name[7:]], options={"model", "data_root"},
+            params={"protocol": name}))
+    for suffix, shots in (("", None), ("-5shot", 5)):
+        specs.append(BenchmarkSpec(
+            f"metacoco-animals{suffix}",
+            "AnimalsMetaCoCo (MetaCoCo animals with spurious contexts, SPROD's protocol): 24 ID classes, 2 held out "
+            f"as near OOD (split=0..{METACOCO_SPLITS - 1})" + (f", {shots} training images per class" if shots else "")
+            + "; --model = a frozen backbone, linear-probed",
+            "oodscope.bench.metacoco:build_metacoco", id_set="24 of the 26 animal classes", near=("animals_ood",),
+            val_ood="10% of the held-out classes' images (SPROD's 'sp' validation source)",
+            val_ood_reason="Disjoint from the 90% that form the test OOD set.",
+            default_detectors=_PROBE_DETECTORS, options={"model", "data_root"},
+            params={"split": 0, "shots": shots, "linear_probe": True, "probe_c": 1.0}))
+    specs.append(BenchmarkSpec(
+        "pt-ood",
+        "PT-OOD: --model = a pre-trained backbone (frozen, linear-probed on --id DIR); --near DIR = familiar "
+        "(pre-training) OOD, --ood DIR = other OOD",
+        "oodscope.bench.ptood:build_ptood", id_set="the classes of --id", val_ood=GENERATED_VAL_OOD,
+        val_ood_reason=GENERATED_VAL_WHY, default_detectors=_PROBE_DETECTORS, options={"model"},
+        params={**_FOLDERS, "probe_c": 1.0}))
+    specs.append(BenchmarkSpec(
+        "nova",
+        "NOVA brain MRI (evaluation only): --id DIR your ID scans and --model; far OOD NOVA's rare pathologies; "
+        "--boxes FILE adds localisation mAP@30/50/[50:95] against its gold boxes",
+        "oodscope.bench.nova:build_nova", id_set="the classes of --id (your brain MRI)", far=("nova",),
+        val_ood=GENERATED_VAL_OOD, val_ood_reason=GENERATED_VAL_WHY, options={"model", "data_root"},
+        params={"id_dir": None, "boxes": None, "val_fraction": 0.2, "test_fraction": 0.3}))
+    return specs
+
+
+_BENCHMARKS: dict[str, BenchmarkSpec] = {s.name: s for s in (*_vision_specs(), *_clip_specs(), *_text_specs(),
+                                                              *_seed_specs())}
 
 
 def register_benchmark(spec: BenchmarkSpec) -> BenchmarkSpec:

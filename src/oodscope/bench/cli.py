@@ -10,6 +10,9 @@ Examples::
     oodscope bench banking77-oos --data-root path/to/BANKING77-OOS
     oodscope bench text --data intents.csv --oos-label out_of_scope
     oodscope bench images --id photos/ --ood other/ --ood noise/ --model net.safetensors
+    oodscope bench mixoe-car --model resnet50_car.safetensors --data-root path/to/MixOE
+    oodscope bench pt-ood --id id/ --near imagenet_like/ --ood other/ --model backbone.pt
+    oodscope bench nova --id normal_mri/ --model net.pt --data-root path/to/Nova --boxes boxes.jsonl
     oodscope bench fashion-mnist-split --compare-training ce,oe,logitnorm --epochs 4
 """
 
@@ -107,7 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="bench images: the ID images, one sub-folder per class (split into train, "
                         "ID-val and test ID)%(default).0s")
     d.add_argument("--near", action="append", default=None, metavar="DIR",
-                   help="bench images: a folder of near-OOD images, repeatable%(default).0s")
+                   help="bench images / pt-ood: a folder of near-OOD images (pt-ood: familiar, pre-training "
+                        "OOD), repeatable%(default).0s")
+    d.add_argument("--boxes", default=None, metavar="FILE",
+                   help="bench nova: predicted anomaly boxes (JSON lines: filename, boxes [[x_min, y_min, x_max, "
+                        "y_max], ...], optional scores) scored against NOVA's gold boxes%(default).0s")
     t = p.add_argument_group("training comparison (--compare-training)")
     t.add_argument("--compare-training", default=None, metavar="METHODS",
                    help="compare OOD-aware training objectives (comma list, e.g. ce,oe,logitnorm): "
@@ -161,7 +168,7 @@ def _seeds(text: str) -> list[int]:
 #: the options of 'bench text' and 'bench images': argparse name -> (spec parameter, flag)
 _DATA_OPTIONS = {"data": ("data", "--data"), "text_column": ("text_column", "--text-column"),
                  "label_column": ("label_column", "--label-column"), "oos_label": ("oos_label", "--oos-label"),
-                 "id_dir": ("id_dir", "--id"), "near": ("near_dirs", "--near")}
+                 "id_dir": ("id_dir", "--id"), "near": ("near_dirs", "--near"), "boxes": ("boxes", "--boxes")}
 
 
 def _with_data(spec, args: argparse.Namespace):

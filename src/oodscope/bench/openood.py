@@ -1,18 +1,36 @@
-"""The OpenOOD v1.5 protocols as data: image-list files relative to the data root, and where
-that root is. Shared by the classifier benchmarks (`oodscope.bench.vision`) and the CLIP ones
-(`oodscope.bench.clip`)."""
+"""Image-list protocols as data: the OpenOOD v1.5 ones and ASCOOD's, image-list files relative
+to the data root, and where that root is (`release_root`, which every release-backed builder
+uses to fail before any work with the list of missing files). Shared by the classifier
+benchmarks (`oodscope.bench.vision`) and the CLIP ones (`oodscope.bench.clip`).
+
+ASCOOD (Regmi, "Image-based Outlier Synthesis With Training Data", arXiv 2411.10794;
+github.com/sudarshanregmi/ASCOOD, ``openood/evaluation_api/datasets.py`` at commit
+fbd880cf5576e824477ea77ed451c06f6c7e9a52, ``DATA_INFO``) evaluates its spurious settings
+(Waterbirds, CelebA; 2 classes, 224 px) and fine-grained settings (Cars, 150 classes; Aircraft,
+90 classes; 448 px, the MixOE hold-out-class splits) in OpenOOD's layout: ID splits
+``benchmark_imglist/<name>/<name>_{train,val,test}.txt`` over ``images_largescale/<name>/``,
+near OOD the spurious / fine-grained list (``waterbirds_spurious_ood.txt`` over
+``images_largescale/waterbirds_ood/``, ``celeba_spurious_ood.txt``,
+``{cars,aircraft}_finegrained_ood.txt``), far OOD NINCO, OpenImage-O, SUN, Textures and
+iNaturalist, validation OOD OpenImage-O's validation list (disjoint from its test list). The
+list files themselves are in ASCOOD's Google-Drive archive (``benchmark_imglist`` id
+1U65KbMfo5O8egsuTIOtRg7AxOGChsWVT in the same file), not in the repository, so their rows
+could not be checked here; they are read as OpenOOD image lists (``path label`` per line).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["OPENOOD_PROTOCOLS", "OpenOODProtocol", "openood_root"]
+__all__ = ["ASCOOD_PROTOCOLS", "LIST_PROTOCOLS", "OPENOOD_PROTOCOLS", "OpenOODProtocol", "openood_root",
+           "release_root"]
 
 
 @dataclass(frozen=True)
 class OpenOODProtocol:
-    """An OpenOOD v1.5 benchmark: which image list holds each split and OOD set."""
+    """An image-list benchmark in OpenOOD's layout: which list holds each split and OOD set,
+    and where its data folder is found (``dataset``) and obtained (``how_to_get``)."""
 
     name: str
     num_classes: int
@@ -24,6 +42,10 @@ class OpenOODProtocol:
     covariate: dict[str, str] = field(default_factory=dict)
     val_ood_description: str = ""
     list_roots: dict[str, str] = field(default_factory=dict)  # set -> images folder if different
+    dataset: str = "openood"  # the data folder's name under $OODSCOPE_DATA
+    source: str = "OpenOOD v1.5"
+    how_to_get: str = ("Images are expected beside them in images_classic/ or images_largescale/ as listed in "
+                       "those files (OpenOOD's download script produces exactly this layout).")
 
     def needed(self, wants, covariate: bool = True) -> dict[str, str]:
         """The lists a run reads: every split, the OOD sets ``wants(name)`` accepts, and the
@@ -78,21 +100,67 @@ OPENOOD_PROTOCOLS: dict[str, OpenOODProtocol] = {
     "imagenet": _imagenet_protocol("imagenet", 1000),
 }
 
+_ASCOOD_HOW = ("Get them with ASCOOD's scripts/download/download_ascood.sh (github.com/sudarshanregmi/ASCOOD), "
+               "which unpacks benchmark_imglist/ and images_largescale/<set>/ (images_classic/texture/ for "
+               "Textures) into one data folder: pass that folder as --data-root or put it at "
+               "$OODSCOPE_DATA/ascood.")
 
-def openood_root(data_root: str | Path | None, needed: dict[str, str], benchmark: str) -> Path:
-    """The OpenOOD v1.5 folder holding every list in ``needed`` (`find_dataset_dir`: the
-    explicit ``data_root``, else ``$OODSCOPE_DATA/openood``, the user cache, system copies);
-    a ``FileNotFoundError`` naming the missing files otherwise."""
+
+def _ascood_protocol(name: str, num_classes: int, image_size: int, near: str, near_list: str,
+                     near_images: str) -> OpenOODProtocol:
+    b, i2 = f"benchmark_imglist/{name}", "benchmark_imglist/imagenet200"
+    ids = f"images_largescale/{name}"
+    return OpenOODProtocol(
+        name=f"ascood-{name}", num_classes=num_classes, image_size=image_size, images="images_largescale",
+        lists={"train": f"{b}/{name}_train.txt", "val_id": f"{b}/{name}_val.txt",
+               "test_id": f"{b}/{name}_test.txt", "val_ood": f"{i2}/val_openimage_o.txt"},
+        near={near: f"{b}/{near_list}"},
+        far={"ninco": f"{i2}/test_ninco.txt", "openimage_o": f"{i2}/test_openimage_o.txt",
+             "sun": "benchmark_imglist/sun/sun.txt", "texture": "benchmark_imglist/cifar100/test_texture.txt",
+             "inaturalist": f"{i2}/test_inaturalist.txt"},
+        val_ood_description="OpenImage-O validation images (ASCOOD's imagenet200/val_openimage_o list), "
+                            "disjoint from the OpenImage-O test list",
+        list_roots={"train": ids, "val_id": ids, "test_id": ids, near: near_images, "texture": "images_classic"},
+        dataset="ascood", source="ASCOOD", how_to_get=_ASCOOD_HOW,
+    )
+
+
+#: ASCOOD's spurious (Waterbirds, CelebA) and fine-grained (Cars, Aircraft) settings
+ASCOOD_PROTOCOLS: dict[str, OpenOODProtocol] = {p.name: p for p in (
+    _ascood_protocol("waterbirds", 2, 224, "waterbirds_ood", "waterbirds_spurious_ood.txt",
+                     "images_largescale/waterbirds_ood"),
+    _ascood_protocol("celeba", 2, 224, "celeba_ood", "celeba_spurious_ood.txt", "images_largescale/celeba"),
+    _ascood_protocol("cars", 150, 448, "cars_ood", "cars_finegrained_ood.txt", "images_largescale/cars"),
+    _ascood_protocol("aircraft", 90, 448, "aircraft_ood", "aircraft_finegrained_ood.txt",
+                     "images_largescale/aircraft"),
+)}
+#: every image-list protocol by name (what ``params["protocol"]`` of a spec names)
+LIST_PROTOCOLS: dict[str, OpenOODProtocol] = {**OPENOOD_PROTOCOLS, **ASCOOD_PROTOCOLS}
+
+
+def release_root(dataset: str, needed: list[str], data_root: str | Path | None, benchmark: str, what: str,
+                 how_to_get: str) -> Path:
+    """The folder holding every path in ``needed`` (relative paths; `find_dataset_dir`: the explicit
+    ``data_root`` or ``data_root/<dataset>``, else ``$OODSCOPE_DATA/<dataset>``, the user cache,
+    system copies); otherwise a ``FileNotFoundError`` naming ``what`` is needed, every missing
+    path, and ``how_to_get`` them. Builders call it before loading a network or reading images."""
     from ..data.registry import find_dataset_dir, search_paths
 
-    found = find_dataset_dir("openood", list(needed.values()), data_root)
+    found = find_dataset_dir(dataset, list(needed), data_root)
     if found is not None:
         return found
-    where = Path(data_root).expanduser() if data_root is not None else search_paths("openood")[0]
-    missing = [str(where / p) for p in needed.values() if not (where / p).exists()]
+    where = Path(data_root).expanduser() if data_root is not None else search_paths(dataset)[0]
+    missing = [str(where / p) for p in needed if not (where / p).exists()]
     raise FileNotFoundError(
-        f"Benchmark {benchmark!r} needs the OpenOOD v1.5 image lists and images under {where} "
-        "(set OODSCOPE_DATA, whose 'openood' folder is used, or pass --data-root). Missing:\n  "
-        + "\n  ".join(missing)
-        + "\nImages are expected beside them in images_classic/ or images_largescale/ as listed in "
-        "those files (OpenOOD's download script produces exactly this layout).")
+        f"Benchmark {benchmark!r} needs {what} under {where} (set OODSCOPE_DATA, whose {dataset!r} folder "
+        "is used, or pass --data-root). Missing:\n  " + "\n  ".join(missing) + "\n" + how_to_get)
+
+
+def openood_root(data_root: str | Path | None, needed: dict[str, str], benchmark: str,
+                 proto: OpenOODProtocol | None = None) -> Path:
+    """The folder holding every list in ``needed`` for an image-list protocol (`release_root`)."""
+    dataset = proto.dataset if proto is not None else "openood"
+    source = proto.source if proto is not None else "OpenOOD v1.5"
+    how = proto.how_to_get if proto is not None else OpenOODProtocol.how_to_get
+    return release_root(dataset, list(needed.values()), data_root, benchmark,
+                        f"the {source} image lists and images", how)

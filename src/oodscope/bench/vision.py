@@ -11,8 +11,11 @@ Each runs the network once per split (cached on disk by model and data) and retu
   (`oodscope.data.generated_outliers`) — a source that is none of the test OOD sets.
 * ``cifar10``, ``cifar100``, ``imagenet200``, ``imagenet``: the OpenOOD v1.5 splits defined
   by its image-list files (`oodscope.bench.openood`); they need ``--model`` and the data.
+* ``ascood-*``: ASCOOD's spurious and fine-grained image-list protocols, read by the same
+  builder (`oodscope.bench.openood`).
 * ``images``: your image folders (``--id`` with one sub-folder per class, ``--ood`` folders)
-  and your checkpoint.
+  and your checkpoint; `split_id_folder` and `image_folder_splits` are shared with the
+  PT-OOD and NOVA builders.
 """
 
 from __future__ import annotations
@@ -23,11 +26,12 @@ from typing import Any
 import numpy as np
 
 from .extract import ImageExtractor, check_model, load_network, model_normalization
-from .openood import OPENOOD_PROTOCOLS, openood_root
+from .openood import LIST_PROTOCOLS, openood_root
 from .spec import BenchmarkSpec, FeatureSet, ProviderOptions
 
 __all__ = ["FMNIST_MEAN", "FMNIST_STD", "build_fashion_mnist", "build_image_folders", "build_openood",
-           "fashion_mnist_splits", "image_folder_splits"]
+           "fashion_mnist_splits", "check_folder_params", "image_folder_splits",
+           "image_read_options", "imagenet_normalization", "input_shape", "split_id_folder"]
 
 FMNIST_MEAN, FMNIST_STD = 0.2860, 0.3530
 FMNIST_COVARIATE = "fashion-mnist-c"
@@ -142,18 +146,19 @@ def build_fashion_mnist(spec: BenchmarkSpec, options: ProviderOptions) -> Featur
 
 # --------------------------------------------------------------------------- OpenOOD v1.5
 def build_openood(spec: BenchmarkSpec, options: ProviderOptions) -> FeatureSet:
-    """An OpenOOD v1.5 protocol (``spec.params["protocol"]``) on the user's data and model."""
+    """An image-list protocol (``spec.params["protocol"]``: OpenOOD v1.5 or ASCOOD) on the user's
+    data and model."""
     from ..data.dataset import ImageDataset
     from ..data.formats import read_image_list
 
-    proto = OPENOOD_PROTOCOLS[spec.params["protocol"]]
+    proto = LIST_PROTOCOLS[spec.params["protocol"]]
     if options.net is None and options.model is None:
         raise ValueError(
             f"Benchmark {spec.name!r} evaluates your network: pass --model path/to/checkpoint "
             "(oodscope has no pretrained weights for it), or --vlm hf:<model> for CLIP zero-shot "
             "detectors.")
     needed = proto.needed(options.wants)
-    root = openood_root(options.data_root, needed, spec.name)
+    root = openood_root(options.data_root, needed, spec.name, proto)
     net, meta, source = load_network(options, benchmark=spec.name)
     check_model(net, proto.num_classes, (3, proto.image_size, proto.image_size), source)
     large = proto.image_size > 64
@@ -171,41 +176,68 @@ def build_openood(spec: BenchmarkSpec, options: ProviderOptions) -> FeatureSet:
                       far={k: load(k) for k in proto.far if k in needed},
                       covariate={k: load(k) for k in proto.covariate})
     fs.info.update(model=source, normalization={"mean": mean, "std": std},
-                   notes=[f"OpenOOD v1.5 protocol {proto.name!r}, data from {root}"], **ex.info())
+                   notes=[f"{proto.source} protocol {proto.name!r}, data from {root}"], **ex.info())
     fs.detector_kwargs["*"] = {"model": net, "input_std": std}
     return fs
 
 
 # --------------------------------------------------------------------------- image folders
+def image_read_options(image_shape: tuple[int, ...], progress: bool) -> dict[str, Any]:
+    """Keyword arguments of the image readers for a network input of ``(channels, height, width)``:
+    resized to that size, read as grey (1 channel) or RGB (3)."""
+    channels, h, w = image_shape
+    return dict(size=(w, h), mode="L" if channels == 1 else "RGB", progress=progress)
+
+
+def split_id_folder(id_dir: Any, options: ProviderOptions, image_shape: tuple[int, ...], val_fraction: float,
+                    test_fraction: float, name: str = "images", option: str = "--id") -> dict[str, Any]:
+    """An ID folder (one sub-folder per class) cut, stratified and seeded, into ``train`` /
+    ``val_id`` / ``test_id``, with ``val_ood`` generated from the ID-val images and the
+    ``classes``; evaluation splits capped by ``options.subset``."""
+    from ..data import holdout_split, load_image_folder
+
+    if id_dir is None or not Path(id_dir).is_dir():
+        raise ValueError(f"{option} DIR must be a folder with one sub-folder of images per class; got {id_dir!r}.")
+    ids = load_image_folder(id_dir, **image_read_options(image_shape, options.progress))
+    if ids.labels is None or len(ids.classes) < 2:
+        raise ValueError(f"{id_dir}: the ID folder needs at least two class sub-folders.")
+    n_test = max(1, round(test_fraction * len(ids)))
+    n_val = max(2, round(val_fraction * len(ids)))
+    if len(ids) - n_test - n_val < len(ids.classes):
+        raise ValueError(f"{id_dir} has {len(ids)} images: too few to split into train, ID-val and test.")
+    rest, test_idx = holdout_split(ids.labels, n_test, options.seed)
+    fit_pos, val_pos = holdout_split(ids.labels[rest], n_val, options.seed + 1)
+    val = options.cap(ids.subset(rest[val_pos], name=f"{name}/val"))
+    return {"train": ids.subset(rest[fit_pos], name=f"{name}/train"), "val_id": val,
+            "test_id": options.cap(ids.subset(test_idx, name=f"{name}/test")),
+            "val_ood": _val_ood(val, options.seed, f"{name}/val-ood-generated"), "classes": list(ids.classes)}
+
+
+def check_folder_params(spec: BenchmarkSpec) -> None:
+    """``--id DIR`` is a folder and at least one ``--ood`` / ``--near`` folder is given and exists
+    (checked before a network is loaded)."""
+    p = spec.params
+    if p.get("id_dir") is None or not Path(p["id_dir"]).is_dir():
+        raise ValueError(f"bench {spec.name} needs --id DIR, a folder with one sub-folder of images per class; "
+                         f"got {p.get('id_dir')!r}.")
+    if not p.get("ood_dirs") and not p.get("near_dirs"):
+        raise ValueError(f"bench {spec.name} needs at least one --ood DIR (a folder of OOD images).")
+    absent = [str(d) for d in (*(p.get("near_dirs") or ()), *(p.get("ood_dirs") or ())) if not Path(d).is_dir()]
+    if absent:
+        raise FileNotFoundError(f"bench {spec.name}: these OOD folders do not exist: {', '.join(absent)}.")
+
+
 def image_folder_splits(spec: BenchmarkSpec, options: ProviderOptions, image_shape: tuple[int, ...]
                         ) -> dict[str, Any]:
     """``--id DIR`` (one sub-folder per class) cut, stratified and seeded, into train /
     ID-val / test ID; every ``--ood DIR`` (far) and ``--near DIR`` (near) as a test set;
     validation OOD generated from ID-val images. Images are resized to ``image_shape``
     (channels, height, width) and read as grey (1 channel) or RGB (3)."""
-    from ..data import holdout_split, load_image_folder
+    from ..data import load_image_folder
 
+    check_folder_params(spec)
     p = spec.params
-    if p.get("id_dir") is None or not Path(p["id_dir"]).is_dir():
-        raise ValueError(f"bench images needs --id DIR, a folder with one sub-folder of images per class; "
-                         f"got {p.get('id_dir')!r}.")
-    if not p.get("ood_dirs") and not p.get("near_dirs"):
-        raise ValueError("bench images needs at least one --ood DIR (a folder of OOD images).")
-    channels, h, w = image_shape
-    read = dict(size=(w, h), mode="L" if channels == 1 else "RGB", progress=options.progress)
-    ids = load_image_folder(p["id_dir"], **read)
-    if ids.labels is None or len(ids.classes) < 2:
-        raise ValueError(f"{p['id_dir']}: the ID folder needs at least two class sub-folders.")
-    n_test = max(1, round(p["test_fraction"] * len(ids)))
-    n_val = max(2, round(p["val_fraction"] * len(ids)))
-    if len(ids) - n_test - n_val < len(ids.classes):
-        raise ValueError(f"{p['id_dir']} has {len(ids)} images: too few to split into train, ID-val and test.")
-    rest, test_idx = holdout_split(ids.labels, n_test, options.seed)
-    fit_pos, val_pos = holdout_split(ids.labels[rest], n_val, options.seed + 1)
-    val = ids.subset(rest[val_pos], name="images/val")
-    sets = {"train": ids.subset(rest[fit_pos], name="images/train"), "val_id": options.cap(val),
-            "test_id": options.cap(ids.subset(test_idx, name="images/test"))}
-    sets["val_ood"] = _val_ood(sets["val_id"], options.seed, "images/val-ood-generated")
+    sets = split_id_folder(p["id_dir"], options, image_shape, p["val_fraction"], p["test_fraction"])
     groups: dict[str, dict[str, Any]] = {"near": {}, "far": {}}
     for group, key in (("near", "near_dirs"), ("far", "ood_dirs")):
         for d in p.get(key) or ():
@@ -213,14 +245,23 @@ def image_folder_splits(spec: BenchmarkSpec, options: ProviderOptions, image_sha
             if name in groups["near"] or name in groups["far"]:
                 raise ValueError(f"Two OOD folders are named {name!r}; give each OOD set its own folder name.")
             if options.wants(name):
-                groups[group][name] = options.cap(load_image_folder(d, **read))
-    return {**sets, **groups, "classes": list(ids.classes)}
+                groups[group][name] = options.cap(load_image_folder(d, **image_read_options(image_shape,
+                                                                                           options.progress)))
+    return {**sets, **groups}
+
+
+def imagenet_normalization(channels: int) -> tuple[Any, Any]:
+    """ImageNet's channel mean / std (for a grey network: their averages), the default of
+    benchmarks whose networks are ImageNet-style backbones."""
+    if channels == 1:
+        return float(np.mean(_IMAGENET_MEAN)), float(np.mean(_IMAGENET_STD))
+    return _IMAGENET_MEAN, _IMAGENET_STD
 
 
 _PROBE_SHAPES = ((1, 28, 28), (3, 32, 32), (3, 64, 64), (3, 224, 224))
 
 
-def _input_shape(net: Any, meta: dict, source: str) -> tuple[int, int, int]:
+def input_shape(net: Any, meta: dict, source: str) -> tuple[int, int, int]:
     """(channels, height, width) the network takes: from the checkpoint's metadata
     (``image_shape`` as `oodscope.train` stores it, or the architecture's ``in_channels`` and
     ``image_size``), else the first of `_PROBE_SHAPES` it runs on (a TorchScript file)."""
@@ -247,8 +288,9 @@ def _input_shape(net: Any, meta: dict, source: str) -> tuple[int, int, int]:
 
 def build_image_folders(spec: BenchmarkSpec, options: ProviderOptions) -> FeatureSet:
     """``bench images``: your image folders and checkpoint (`image_folder_splits`)."""
+    check_folder_params(spec)
     net, meta, source = load_network(options, benchmark=spec.name)
-    shape = _input_shape(net, meta, source)
+    shape = input_shape(net, meta, source)
     sp = image_folder_splits(spec, options, shape)
     check_model(net, len(sp["classes"]), shape, source)
     mean, std = model_normalization(meta, 0.5, 0.25)

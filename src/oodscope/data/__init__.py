@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import catalog as _catalog  # noqa: F401  (registers the datasets)
 from .dataset import ImageDataset, holdout_split
-from .formats import read_image_folder, read_image_list
+from .formats import read_image_files, read_image_folder, read_image_list
 from .registry import (
     ChecksumError,
     canonical_name,
@@ -51,6 +51,7 @@ __all__ = [
     "load_image_list",
     "loader",
     "patch_shuffle",
+    "read_image_files",
     "search_paths",
     "to_tensor",
     "uniform_noise",
