@@ -45,7 +45,7 @@ import numpy as np
 
 from ..features import Features
 from .backends import DualEncoder, load
-from .prompts import FewShotProtocol, PromptableText, PromptResult, crop_views, frozen_weights
+from .prompts import FewShotProtocol, PromptableText, PromptResult, embed_crops, frozen_weights, random_crops
 
 __all__ = ["mine_negative_words", "train_cma", "train_krnft", "train_lapt", "train_local_prompt"]
 
@@ -75,24 +75,38 @@ def _check_names(class_names) -> list[str]:
     return _check_class_names(class_names)
 
 
-def _optimizer(params, name: str, lr: float, weight_decay: float, steps: int, warmup: int = 0):
+def _optimizer(params, name: str, lr: float, weight_decay: float, steps: int, warmup: int = 0,
+               warmup_lr: float | None = None, min_lr: float = 0.0, nesterov: bool = False):
+    """Optimiser plus a per-step schedule: ``warmup`` steps (linear from 0, or constant at
+    ``warmup_lr`` as Dassl's "constant" warm-up), then cosine from ``lr`` to ``min_lr`` over
+    the remaining steps."""
     torch = _torch()
     if not (lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr must be a positive number, got {lr}.")
     if name == "sgd":
-        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+        opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=nesterov)
     elif name == "adamw":
         opt = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     else:
         raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {name!r}.")
-    span = max(1, steps)
+    warmup = max(0, min(int(warmup), steps - 1))
+    span = max(1, steps - warmup)
+    floor = min_lr / lr
 
     def factor(s):
-        if warmup and s < warmup:
-            return (s + 1) / warmup
-        return 0.5 * (1.0 + math.cos(math.pi * min(s, span) / span))
+        if s < warmup:
+            return warmup_lr / lr if warmup_lr is not None else (s + 1) / warmup
+        t = min(s - warmup, span) / span
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * t))
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _mix_lambda(rng, alpha: float) -> float:
+    """λ ~ Beta(α, α) folded into [0, 0.5] (the authors' ``mixup_data``: the mixed sample
+    always leans towards its partner); ``alpha <= 0`` gives 0 (no mixing partner weight)."""
+    lam = float(rng.beta(alpha, alpha)) if alpha > 0 else 0.0
+    return min(lam, 1.0 - lam)
 
 
 def _step(opt, sched, loss, what: str, step: int) -> float:
@@ -176,20 +190,44 @@ def _history_entry(epoch: int, losses: list[float], t0: float, **extra) -> dict[
 
 
 # ---------------------------------------------------------------- LAPT
+def _encode_in_chunks(text: PromptableText, names: list[str], ctx, chunk: int = 512) -> np.ndarray:
+    """``text.encode`` without gradients, in chunks (thousands of negative labels)."""
+    torch = _torch()
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(names), chunk):
+            part = ctx[s:s + chunk] if ctx.ndim == 3 else ctx
+            out.append(text.encode(names[s:s + chunk], part).double().numpy())
+    return np.concatenate(out) if out else np.zeros((0, text.encoder.embed_dim))
+
+
 @_frozen_towers
 def train_lapt(encoder: DualEncoder | str, class_names: Sequence[str], id_features: Features,
                neg_features: Features | None = None, neg_words: Sequence[str] | None = None,
-               words: Any = None, n_negatives: int = 10000, n_ctx: int = 4, ctx_init: str | None = "a photo of a",
-               class_specific: bool = False, epochs: int = 5, batch_size: int = 64, lr: float = 2e-3, optimizer: str = "sgd",
-               weight_decay: float = 5e-4, mix_alpha: float = 1.0, cross_modal_weight: float = 1.0,
-               cross_distribution_weight: float = 1.0, protocol: FewShotProtocol = FewShotProtocol(None),
-               n_groups: int = 100, seed: int = 0) -> PromptResult:
+               words: Any = None, n_negatives: int = 1000, n_score_negatives: int | None = 10000,
+               score_neg_words: Sequence[str] | None = None, n_ctx: int = 4,
+               ctx_init: str | None = "a photo of a", class_specific: bool = False, epochs: int = 10,
+               batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd", weight_decay: float = 1e-5,
+               mix_alpha: float = 1.0, cross_modal_weight: float = 1.0,
+               cross_distribution_weight: float = 1.0, anchor_template: str = "a photo of a {}.",
+               protocol: FewShotProtocol = FewShotProtocol(None), n_groups: int = 100,
+               seed: int = 0) -> PromptResult:
     """LAPT prompt tuning (see the module docstring).
 
     ``id_features`` : image embeddings + labels in [0, C) for the ID labels.
-    ``neg_features`` : image embeddings + labels in [0, M) indexing ``neg_words``; without
-        them the negative labels' frozen text embeddings stand in for their images.
-    ``neg_words`` : the negative labels; mined from ``words`` (default WordNet) when None.
+    ``neg_features`` : image embeddings + labels in [0, M) indexing ``neg_words`` (the
+        automatically collected images of the negative labels); without them the negative
+        labels' frozen text embeddings stand in for their images.
+    ``neg_words`` : the training negative labels; when None, NegMining over ``words``
+        (default WordNet nouns + adjectives) ranks the pool and the ``n_negatives`` farthest
+        are trained on.
+    ``n_score_negatives`` / ``score_neg_words`` : the negative labels the detector scores
+        with, embedded through the *learned* context (the authors train with 1,000 negatives
+        and test with 10,000). When the training negatives were mined here, the
+        ``n_score_negatives`` farthest words of the same ranking are used; given
+        ``score_neg_words`` are used as they are; otherwise the training negatives.
+        A class-specific context has no context for new labels: it scores with the
+        training negatives.
     """
     torch = _torch()
     encoder = load(encoder)
@@ -199,33 +237,46 @@ def train_lapt(encoder: DualEncoder | str, class_names: Sequence[str], id_featur
     y_id = _labels(id_features, c, "id_features")
     sel = protocol.select(y_id, c)
     x_id, y_id = x_id[sel], y_id[sel]
+    ranked = None
     if neg_words is None:
-        neg_words, _ = mine_negative_words(encoder, names, words, n_negatives)
+        want = max(int(n_negatives), int(n_score_negatives or 0))
+        ranked, _ = mine_negative_words(encoder, names, words, want)
+        neg_words = ranked[:int(n_negatives)]
     neg_words = [str(w) for w in neg_words]
     if not neg_words:
         raise ValueError("LAPT needs at least one negative label.")
     m = len(neg_words)
+    if score_neg_words is not None:
+        if class_specific:
+            raise ValueError("A class-specific LAPT context has no context for new negative labels; leave "
+                             "score_neg_words unset (it scores with the training negatives).")
+        score_words = [str(w) for w in score_neg_words]
+    elif ranked is not None and n_score_negatives and not class_specific:
+        score_words = ranked[:int(n_score_negatives)]
+    else:
+        score_words = neg_words
     text = PromptableText(encoder, n_ctx)
-    frozen_text = np.concatenate([text.frozen(names), text.frozen(neg_words)])  # (C+M, D)
+    anchors_np = np.concatenate([text.frozen(names, anchor_template), text.frozen(neg_words, anchor_template)])
     if neg_features is not None:
         x_neg = _image_embeds(neg_features, "neg_features")
         y_neg = _labels(neg_features, m, "neg_features") + c
         neg_source = "images"
     else:
-        x_neg, y_neg, neg_source = frozen_text[c:], np.arange(c, c + m), "text-embeddings"
-    if x_neg.shape[1] != x_id.shape[1] or frozen_text.shape[1] != x_id.shape[1]:
+        x_neg, y_neg, neg_source = anchors_np[c:], np.arange(c, c + m), "text-embeddings"
+    if x_neg.shape[1] != x_id.shape[1] or anchors_np.shape[1] != x_id.shape[1]:
         raise ValueError("ID images, negative images and text embeddings must share one joint space.")
     x_all = torch.tensor(np.concatenate([x_id, x_neg]), dtype=torch.float32)
     y_all = torch.tensor(np.concatenate([y_id, y_neg]), dtype=torch.long)
-    anchors = torch.tensor(frozen_text, dtype=torch.float32)
+    anchors = torch.tensor(anchors_np, dtype=torch.float32)
     labels = names + neg_words
     ctx = text.init_context(count=len(labels) if class_specific else None, init_text=ctx_init, seed=seed)
     n = len(x_all)
     steps = epochs * -(-n // batch_size)
-    opt, sched = _optimizer([ctx], optimizer, lr, weight_decay, steps)
+    opt, sched = _optimizer([ctx], optimizer, lr, weight_decay, steps, min_lr=1e-6, nesterov=optimizer == "sgd")
     scale = float(encoder.logit_scale)
     rng = np.random.default_rng(seed + 1)
     history, step, t0 = [], 0, time.time()
+    normalize = torch.nn.functional.normalize
 
     def soft_ce(logits, target):
         return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
@@ -237,33 +288,35 @@ def train_lapt(encoder: DualEncoder | str, class_names: Sequence[str], id_featur
             xb, yb = x_all[idx], y_all[idx]
             onehot = torch.nn.functional.one_hot(yb, c + m).float()
             loss = soft_ce(scale * xb @ t.T, onehot)
-            lam = float(rng.beta(mix_alpha, mix_alpha)) if mix_alpha > 0 else 1.0
-            if cross_modal_weight > 0:
-                xm = torch.nn.functional.normalize(lam * xb + (1 - lam) * anchors[yb], dim=1)
+            if cross_modal_weight > 0:  # image mixed with the text of its own label, same target
+                lam = _mix_lambda(rng, mix_alpha)
+                xm = normalize(lam * xb + (1 - lam) * anchors[yb], dim=1)
                 loss = loss + cross_modal_weight * soft_ce(scale * xm @ t.T, onehot)
             is_id = yb < c
             if cross_distribution_weight > 0 and bool(is_id.any()) and bool((~is_id).any()):
+                lam = _mix_lambda(rng, mix_alpha)  # ID image weight; the target mixes alike
                 i_idx = torch.nonzero(is_id).flatten()
                 o_idx = torch.nonzero(~is_id).flatten()
                 partner = o_idx[torch.as_tensor(rng.integers(0, len(o_idx), len(i_idx)))]
-                xm = torch.nn.functional.normalize(lam * xb[i_idx] + (1 - lam) * xb[partner], dim=1)
+                xm = normalize(lam * xb[i_idx] + (1 - lam) * xb[partner], dim=1)
                 target = lam * onehot[i_idx] + (1 - lam) * onehot[partner]
                 loss = loss + cross_distribution_weight * soft_ce(scale * xm @ t.T, target)
             step += 1
             losses.append(_step(opt, sched, loss, "LAPT", step))
         history.append(_history_entry(epoch, losses, t0))
-    with torch.no_grad():
-        both = text.encode(labels, ctx).double().numpy()
-    id_text, neg_text = both[:c], both[c:]
+    id_text = _encode_in_chunks(text, names, ctx[:c] if class_specific else ctx)
+    neg_text = _encode_in_chunks(text, score_words, ctx[c:] if class_specific else ctx)
     return PromptResult(
-        method="lapt", class_names=names, neg_words=neg_words, encoder=encoder.name, history=history,
+        method="lapt", class_names=names, neg_words=score_words, encoder=encoder.name, history=history,
         arrays={"ctx": ctx.detach().numpy(), "id_text": id_text, "neg_text": neg_text},
-        config={"n_ctx": n_ctx, "ctx_init": ctx_init, "class_specific": class_specific, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "optimizer": optimizer, "weight_decay": weight_decay, "mix_alpha": mix_alpha,
-                "cross_modal_weight": cross_modal_weight,
-                "cross_distribution_weight": cross_distribution_weight, "n_groups": n_groups,
-                "negative_images": neg_source, "n_id_images": int(len(x_id)), "protocol": protocol.to_json(),
-                "seed": seed, "logit_scale": scale})
+        config={"n_ctx": n_ctx, "ctx_init": ctx_init, "class_specific": class_specific, "epochs": epochs,
+                "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "weight_decay": weight_decay,
+                "mix_alpha": mix_alpha, "cross_modal_weight": cross_modal_weight,
+                "cross_distribution_weight": cross_distribution_weight, "anchor_template": anchor_template,
+                "n_groups": n_groups, "negative_images": neg_source, "n_train_negatives": m,
+                "train_neg_words": neg_words if score_words != neg_words else None,
+                "n_id_images": int(len(x_id)), "protocol": protocol.to_json(), "seed": seed,
+                "logit_scale": scale})
 
 
 # ---------------------------------------------------------------- Local-Prompt
@@ -294,49 +347,69 @@ def _local_negative(neg_prompt_logits, id_prompt_logits, label, k: int, temperat
     return (den - num).mean()
 
 
+def _select_crops(encoder, images, class_text, labels, n_views, crop_scale, rng, local_for: int):
+    """Fresh random crops of ``images`` ranked by cosine with their true class's frozen prompt
+    (global-prompt-guided selection): ``(global (B, V, D), order (B, V) most similar first,
+    local tokens (B, local_for + 1, P, D) of the ``local_for`` best crops and the worst crop, or None)``."""
+    crops = random_crops(images, n_views, crop_scale, rng)
+    g, _ = embed_crops(encoder, crops, len(images))
+    g = g.astype(np.float64)
+    order = np.argsort(-np.einsum("nvd,nd->nv", g, class_text[labels]), axis=1, kind="stable")
+    if not local_for:
+        return g, order, None
+    pick = np.concatenate([order[:, :local_for], order[:, -1:]], axis=1)
+    chosen = [crops[i * n_views + j] for i in range(len(images)) for j in pick[i]]
+    _, loc = embed_crops(encoder, chosen, len(images), local=True)
+    loc = loc.astype(np.float32)
+    return g, order, loc / np.maximum(np.linalg.norm(loc, axis=-1, keepdims=True), 1e-12)
+
+
 @_frozen_towers
 def train_local_prompt(encoder: DualEncoder | str, class_names: Sequence[str], images: Sequence[Any],
                        labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(16),
-                       n_ctx: int = 16, n_neg_prompts: int = 50, n_views: int = 8, num_pos: int = 1,
-                       topk: int = 50, temperature: float = 1.0, neg_weight: float = 5.0,
+                       n_ctx: int = 16, n_neg_prompts: int = 300, n_views: int = 16, num_pos: int = 8,
+                       topk: int = 20, temperature: float = 1.0, neg_weight: float = 5.0,
                        div_weight: float = 0.5, global_template: str = "a photo of a {}.",
-                       epochs: int = 30, batch_size: int = 32, lr: float = 2e-3, crop_scale=(0.25, 1.0),
-                       seed: int = 0) -> PromptResult:
+                       epochs: int = 30, batch_size: int = 256, lr: float = 2e-3, warmup_lr: float = 1e-5,
+                       crop_scale=(0.08, 1.0), seed: int = 0) -> PromptResult:
     """Local-Prompt few-shot tuning (see the module docstring). ``images``: PIL images or
-    arrays (the crops are embedded once with local patch tokens)."""
+    arrays. Every epoch draws ``n_views`` fresh crops per image; the ``num_pos`` crops most
+    similar to the true class's frozen global prompt are positives (one optimiser step each,
+    as the authors' trainer does) and the least similar one is the negative. SGD with a
+    one-epoch constant warm-up at ``warmup_lr``, then cosine."""
     torch = _torch()
     encoder = load(encoder)
     names = _check_names(class_names)
     c = len(names)
     images, y, _ = _images_and_labels(list(images), labels, c, protocol, "Local-Prompt")
-    g, loc = crop_views(encoder, images, n_views=n_views, scale=crop_scale, seed=seed, local=True)
+    if not 1 <= num_pos < n_views:
+        raise ValueError(f"num_pos must be in [1, n_views) so positives and the negative crop differ; got "
+                         f"num_pos={num_pos}, n_views={n_views}.")
     text = PromptableText(encoder, n_ctx)
     glob = text.frozen(names, global_template)                        # (C, D)
-    sim = np.einsum("nvd,nd->nv", g.astype(np.float64), glob[y])      # crop vs true-class prompt
-    order = np.argsort(-sim, axis=1)
-    pos_views = order[:, :max(1, min(num_pos, n_views))]              # most ID-like crops
-    neg_view = order[:, -1]                                           # least ID-like crop
-    loc = loc.astype(np.float32)
-    loc /= np.maximum(np.linalg.norm(loc, axis=-1, keepdims=True), 1e-12)
-    k = max(1, min(int(topk), loc.shape[2]))
     local_ctx = text.init_context(count=c, seed=seed)
     neg_ctx = text.init_context(count=n_neg_prompts, seed=seed + 1)
     n = len(y)
-    steps = epochs * -(-n // batch_size) * pos_views.shape[1]
-    opt, sched = _optimizer([local_ctx, neg_ctx], "sgd", lr, 0.0, steps)
+    per_epoch = -(-n // batch_size) * num_pos
+    opt, sched = _optimizer([local_ctx, neg_ctx], "sgd", lr, 5e-4, epochs * per_epoch, warmup=per_epoch,
+                            warmup_lr=warmup_lr)
     scale = float(encoder.logit_scale)
     yt = torch.as_tensor(y)
     neg_names = [""] * n_neg_prompts
+    rng = np.random.default_rng(seed)
     history, step, t0 = [], 0, time.time()
     for epoch, batches in enumerate(_epochs_of(n, batch_size, epochs, seed), 1):
         losses = []
         for idx in batches:
-            neg_local = torch.as_tensor(loc[idx, neg_view[idx]])                      # (B, P, D)
-            for j in range(pos_views.shape[1]):
-                pos_local = torch.as_tensor(loc[idx, pos_views[idx, j]])
+            _, _, loc = _select_crops(encoder, [images[i] for i in idx], glob, y[idx], n_views, crop_scale,
+                                      rng, num_pos)
+            k = max(1, min(int(topk), loc.shape[2]))
+            neg_local = torch.as_tensor(loc[:, -1])                                   # (B, P, D)
+            lab = yt[idx]
+            for j in range(num_pos):
+                pos_local = torch.as_tensor(loc[:, j])
                 lt = text.encode(names, local_ctx)                                    # (C, D)
                 nt = text.encode(neg_names, neg_ctx)                                  # (Nn, D)
-                lab = yt[idx]
                 l_pos = _local_contrastive(scale * pos_local @ lt.T, scale * pos_local @ nt.T, lab, k, temperature)
                 l_neg = _local_negative(scale * neg_local @ nt.T, scale * neg_local @ lt.T, lab, k, temperature)
                 gram = nt @ nt.T
@@ -355,8 +428,8 @@ def train_local_prompt(encoder: DualEncoder | str, class_names: Sequence[str], i
         config={"n_ctx": n_ctx, "n_neg_prompts": n_neg_prompts, "n_views": n_views, "num_pos": num_pos,
                 "topk": topk, "temperature": temperature, "neg_weight": neg_weight, "div_weight": div_weight,
                 "global_template": global_template, "epochs": epochs, "batch_size": batch_size, "lr": lr,
-                "crop_scale": list(crop_scale), "protocol": protocol.to_json(), "seed": seed,
-                "logit_scale": scale, "n_images": int(n)})
+                "warmup_lr": warmup_lr, "crop_scale": list(crop_scale), "protocol": protocol.to_json(),
+                "seed": seed, "logit_scale": scale, "n_images": int(n)})
 
 
 # ---------------------------------------------------------------- KR-NFT
@@ -388,21 +461,40 @@ class _NFT:
                 out[f"{part}_{kind}"] = p[f"{part}_{kind}"] + h @ p[f"{part}_{kind}_w2"].T + p[f"{part}_{kind}_b2"]
         return out
 
+    def transformed(self, base, img, n_id: int):
+        """L2-normalised ``scale(x) ⊙ t + shift(x)`` for each image x: (B, C+M, D); ID rows
+        use the ID transform, negative rows the OOD one."""
+        torch = _torch()
+        f = self.factors(img)
+        tuned_id = f["id_scale"][:, None, :] * base[None, :n_id] + f["id_shift"][:, None, :]
+        tuned_ood = f["ood_scale"][:, None, :] * base[None, n_id:] + f["ood_shift"][:, None, :]
+        return torch.nn.functional.normalize(torch.cat([tuned_id, tuned_ood], dim=1), dim=-1)
+
 
 @_frozen_towers
 def train_krnft(encoder: DualEncoder | str, class_names: Sequence[str], images: Sequence[Any],
-                labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(16),
-                neg_words: Sequence[str] | None = None, words: Any = None, n_negatives: int = 10000,
-                template: str = "The nice {}.", n_views: int = 16, n_selection: int = 4,
-                meta_reduction: int = 8, n_groups: int = 10, in_weight: float = 1.0, out_weight: float = 0.3,
-                kd_weight: float = 10.0, epochs: int = 3, batch_size: int = 8, lr: float = 5e-3,
-                weight_decay: float = 5e-4, crop_scale=(0.25, 1.0), seed: int = 0) -> PromptResult:
-    """KR-NFT few-shot tuning (see the module docstring)."""
+                labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(4),
+                neg_words: Sequence[str] | None = None, words: Any = None, n_negatives: int = 10500,
+                template: str = "The nice {}.", n_views: int = 128, n_selection: int = 32,
+                meta_reduction: int = 64, n_groups: int = 10, in_weight: float = 1.0, out_weight: float = 0.3,
+                kd_weight: float = 10.0, epochs: int = 3, batch_size: int = 1, lr: float = 1e-5,
+                weight_decay: float = 0.01, crop_scale=(0.08, 1.0), seed: int = 0) -> PromptResult:
+    """KR-NFT few-shot tuning (see the module docstring).
+
+    Every step draws ``n_views`` fresh crops of each image, ranks them by cosine with the
+    frozen "a photo of a {class}." prompt, and uses the ``n_selection`` most similar as ID
+    crops (grouped cross-entropy), the ``n_selection`` least similar as OOD crops (their ID
+    probability mass is minimised) and the most similar one to condition the meta-network.
+    Defaults follow the authors' 4-shot ImageNet script (batch 1, AdamW lr 1e-5 with its
+    default weight decay 0.01, meta-network width ``512 / 64``, 10,500 negatives)."""
     torch = _torch()
     encoder = load(encoder)
     names = _check_names(class_names)
     c = len(names)
     images, y, _ = _images_and_labels(list(images), labels, c, protocol, "KR-NFT")
+    if not 1 <= n_selection <= n_views // 2:
+        raise ValueError(f"n_selection must be in [1, n_views // 2] so ID and OOD crops differ; got "
+                         f"n_selection={n_selection}, n_views={n_views}.")
     if neg_words is None:
         neg_words, neg_emb = mine_negative_words(encoder, names, words, n_negatives, template)
     else:
@@ -412,41 +504,37 @@ def train_krnft(encoder: DualEncoder | str, class_names: Sequence[str], images: 
         raise ValueError("KR-NFT needs at least one negative label.")
     base = np.concatenate([encoder.encode_text(names, (template,)).astype(np.float64), neg_emb])
     photo = encoder.encode_text(names, ("a photo of a {}.",)).astype(np.float64)
-    g, _ = crop_views(encoder, images, n_views=n_views, scale=crop_scale, seed=seed)
-    g = g.astype(np.float64)
-    sim = np.einsum("nvd,nd->nv", g, photo[y])
-    order = np.argsort(-sim, axis=1)
-    s = max(1, min(n_selection, n_views))
-    pos = np.take_along_axis(g, order[:, :s, None], axis=1)         # (N, s, D) most ID-like crops
-    neg = np.take_along_axis(g, order[:, -s:, None], axis=1)        # least ID-like crops
-    best = g[np.arange(len(g)), order[:, 0]]                         # conditions the meta-network
     d = base.shape[1]
-    nft = _NFT(d, g.shape[2], max(1, g.shape[2] // int(meta_reduction)), seed)
+    nft = _NFT(d, d, max(1, d // int(meta_reduction)), seed)
     base_t = torch.tensor(base, dtype=torch.float32)
+    base_unit = torch.nn.functional.normalize(base_t, dim=-1)
     n = len(y)
     steps = epochs * -(-n // batch_size)
     opt, sched = _optimizer(list(nft.params.values()), "adamw", lr, weight_decay, steps)
     scale = float(encoder.logit_scale)
-    pos_t, neg_t, best_t = (torch.tensor(a, dtype=torch.float32) for a in (pos, neg, best))
     yt = torch.as_tensor(y)
+    rng = np.random.default_rng(seed)
+    s = n_selection
     history, step, t0 = [], 0, time.time()
     for epoch, batches in enumerate(_epochs_of(n, batch_size, epochs, seed), 1):
         losses = []
         for idx in batches:
-            f = nft.factors(best_t[idx])                                             # (B, D) each
-            tuned_id = f["id_scale"][:, None, :] * base_t[None, :c] + f["id_shift"][:, None, :]
-            tuned_ood = f["ood_scale"][:, None, :] * base_t[None, c:] + f["ood_shift"][:, None, :]
-            tuned = torch.nn.functional.normalize(torch.cat([tuned_id, tuned_ood], dim=1), dim=-1)  # (B, C+M, D)
-            lp = scale * torch.einsum("bsd,bkd->bsk", pos_t[idx], tuned)             # (B, s, C+M)
-            ln = scale * torch.einsum("bsd,bkd->bsk", neg_t[idx], tuned)
-            groups_p = _grouped_logits(lp[..., :c].reshape(-1, c), lp[..., c:].reshape(-1, lp.shape[-1] - c),
-                                       n_groups, seed)
+            g, order, _ = _select_crops(encoder, [images[i] for i in idx], photo, y[idx], n_views, crop_scale,
+                                        rng, 0)
+            g = torch.tensor(g, dtype=torch.float32)
+            pos = torch.take_along_dim(g, torch.as_tensor(order[:, :s, None]), dim=1)    # (B, s, D)
+            neg = torch.take_along_dim(g, torch.as_tensor(order[:, -s:, None]), dim=1)
+            tuned = nft.transformed(base_t, pos[:, 0], c)                               # (B, C+M, D)
+            lp = scale * torch.einsum("bsd,bkd->bsk", pos, tuned)                       # (B, s, C+M)
+            ln = scale * torch.einsum("bsd,bkd->bsk", neg, tuned)
             target = yt[idx].repeat_interleave(s)
+            groups_p = _grouped_logits(lp[..., :c].reshape(-1, c), lp[..., c:].reshape(len(target), -1),
+                                       n_groups, seed)
             l_in = sum(torch.nn.functional.cross_entropy(gl, target) for gl in groups_p) / len(groups_p)
-            groups_n = _grouped_logits(ln[..., :c].reshape(-1, c), ln[..., c:].reshape(-1, ln.shape[-1] - c),
+            groups_n = _grouped_logits(ln[..., :c].reshape(-1, c), ln[..., c:].reshape(len(target), -1),
                                        n_groups, seed)
             l_out = sum((torch.logsumexp(gl[:, :c], 1) - torch.logsumexp(gl, 1)).mean() for gl in groups_n) / len(groups_n)
-            l_kd = 1.0 - (tuned * torch.nn.functional.normalize(base_t, dim=-1)[None]).sum(-1).mean()
+            l_kd = 1.0 - (tuned * base_unit[None]).sum(-1).mean()
             loss = in_weight * l_in + out_weight * l_out + kd_weight * l_kd
             step += 1
             losses.append(_step(opt, sched, loss, "KR-NFT", step))
@@ -504,7 +592,7 @@ def train_cma(encoder: DualEncoder | str, class_names: Sequence[str], images: Se
         p.requires_grad_(True)
     n = len(y)
     steps = epochs * -(-n // batch_size)
-    opt, sched = _optimizer(params, "adamw", lr, weight_decay, steps, warmup=min(warmup_steps, max(1, steps // 10)))
+    opt, sched = _optimizer(params, "adamw", lr, weight_decay, steps, warmup=warmup_steps)
     log_scale = tuned.model.logit_scale
     history, step, t0 = [], 0, time.time()
     torch.manual_seed(seed)

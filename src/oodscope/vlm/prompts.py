@@ -6,8 +6,9 @@
   embedding layer, so the backend's own causal mask, positions and EOS pooling are used.
 * `FewShotProtocol` — the few-shot split every method here trains on: ``shots`` images per
   class drawn with a seed (the protocol of CoOp / LoCoOp / Local-Prompt / KR-NFT).
-* `crop_views` — random-resized crops of each image embedded by the frozen image tower
-  (Local-Prompt's and KR-NFT's negative augmentation picks crops from these).
+* `random_crops` / `embed_crops` / `crop_views` — random crops of each image embedded by
+  the frozen image tower (Local-Prompt's and KR-NFT's negative augmentation picks crops from
+  these; both draw fresh crops every epoch, as the authors' data loaders do).
 * `PromptResult` with `save_prompts` / `load_prompts` — what a tuning run produces: the
   learned arrays (context vectors, resulting text embeddings, feature transforms) and
   JSON (method, class names, negative words, configuration, history), written with
@@ -39,7 +40,9 @@ __all__ = [
     "PromptResult",
     "PromptableText",
     "crop_views",
+    "embed_crops",
     "load_prompts",
+    "random_crops",
     "save_prompts",
 ]
 
@@ -238,10 +241,15 @@ class frozen_weights:
 
 
 # ---------------------------------------------------------------- crop views
-def crop_views(encoder: DualEncoder, images: Sequence[Any], n_views: int = 8, scale=(0.25, 1.0),
-               seed: int = 0, local: bool = False, batch_size: int = 64):
-    """Embed ``n_views`` random-resized crops (area fraction in ``scale``, square) of every
-    image: returns ``(global (N, V, D), local (N, V, P, D) or None)`` float32."""
+def random_crops(images: Sequence[Any], n_views: int = 16, scale=(0.08, 1.0), rng=None,
+                 flip: bool = True) -> list:
+    """``n_views`` random square crops of every image (PIL), each flipped left-right with
+    probability 1/2 when ``flip``. The area fraction is drawn from ``scale`` (torchvision's
+    ``RandomResizedCrop`` default range; it also varies the aspect ratio, we do not).
+    Returns a flat list, image-major: crops ``i * n_views .. (i + 1) * n_views - 1`` are of
+    image ``i``."""
+    from PIL import Image
+
     from .backends import _to_pil
 
     if n_views < 1:
@@ -249,28 +257,40 @@ def crop_views(encoder: DualEncoder, images: Sequence[Any], n_views: int = 8, sc
     lo, hi = float(scale[0]), float(scale[1])
     if not 0 < lo <= hi <= 1:
         raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}.")
-    rng = np.random.default_rng(seed)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     crops = []
     for image in images:
         img = _to_pil(image)
         w, h = img.size
         for _ in range(n_views):
-            frac = rng.uniform(lo, hi)
-            side = max(1, int(round(np.sqrt(frac * w * h))))
-            side = min(side, w, h)
+            side = min(max(1, int(round(np.sqrt(rng.uniform(lo, hi) * w * h)))), w, h)
             x0 = int(rng.integers(0, w - side + 1))
             y0 = int(rng.integers(0, h - side + 1))
-            crops.append(img.crop((x0, y0, x0 + side, y0 + side)))
+            crop = img.crop((x0, y0, x0 + side, y0 + side))
+            if flip and rng.random() < 0.5:
+                crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+            crops.append(crop)
+    return crops
+
+
+def embed_crops(encoder: DualEncoder, crops: list, n_images: int, local: bool = False, batch_size: int = 64):
+    """Embed what `random_crops` returned: ``(global (N, V, D), local (N, V, P, D) or None)``."""
     g_out, l_out = [], []
     for s in range(0, len(crops), batch_size):
         g, loc = encoder.encode_images(encoder.preprocess(crops[s:s + batch_size]), local=local)
         g_out.append(g)
         if local:
             l_out.append(loc)
-    n = len(images)
-    g = np.concatenate(g_out).reshape(n, n_views, -1)
-    loc = np.concatenate(l_out).reshape(n, n_views, *l_out[0].shape[1:]) if local else None
+    g = np.concatenate(g_out).reshape(n_images, len(crops) // n_images, -1)
+    loc = np.concatenate(l_out).reshape(*g.shape[:2], *l_out[0].shape[1:]) if local else None
     return g, loc
+
+
+def crop_views(encoder: DualEncoder, images: Sequence[Any], n_views: int = 16, scale=(0.08, 1.0),
+               seed: int = 0, local: bool = False, batch_size: int = 64, flip: bool = True):
+    """`random_crops` embedded by `embed_crops`: ``(global (N, V, D), local (N, V, P, D) or None)``."""
+    crops = random_crops(images, n_views, scale, seed, flip)
+    return embed_crops(encoder, crops, len(images), local, batch_size)
 
 
 # ---------------------------------------------------------------- results
