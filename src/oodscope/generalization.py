@@ -16,9 +16,16 @@ Two sources of covariate-shifted Fashion-MNIST test images:
   five severities, scaled for 28x28 images). They are *not* FMNIST-C: numbers on them must
   be labelled "synthetic corruptions" (`synthetic_shift_sets` names them so).
 
-`accuracy_under_shift` evaluates a classifier on the clean test set and on each shifted
-set; `shift_summary` adds the mean shifted accuracy and the relative robustness
-(shifted / clean), the two numbers a report shows beside detection AUROC / FPR95.
+For a report beside detection (the intended entry points):
+
+* `covariate_shift_sets` — the shifted copies of an ID test set: the published FMNIST-C
+  when it is found, else oodscope's synthetic corruptions (``source=`` forces one);
+* `shift_accuracies` — top-1 accuracy per set from cached `Features` (logits + labels),
+  so the network runs once per split as for detection; `accuracy_under_shift` runs a
+  model on `ImageDataset`s instead;
+* `shift_summary` — clean accuracy, mean shifted accuracy and relative robustness
+  (shifted / clean); `shift_table` — one row per set (kind, severity, accuracy, accuracy
+  relative to clean) as a `pandas.DataFrame`.
 """
 
 from __future__ import annotations
@@ -33,8 +40,11 @@ import numpy as np
 __all__ = [
     "FMNIST_C_FILES",
     "accuracy_under_shift",
+    "covariate_shift_sets",
     "load_fmnist_c",
+    "shift_accuracies",
     "shift_summary",
+    "shift_table",
     "synthetic_shift_sets",
 ]
 
@@ -129,6 +139,62 @@ def synthetic_shift_sets(clean, severities: Iterable[int] = (1, 2, 3, 4, 5), kin
             for k in kinds:
                 out[f"synthetic-{k}/s{s}"] = corrupted_dataset(clean, k, s, seed)
     return out
+
+
+def covariate_shift_sets(clean, source: str = "auto", severities: Iterable[int] = (1, 2, 3, 4, 5),
+                         seed: int = 0, root: str | os.PathLike | None = None) -> dict[str, Any]:
+    """Covariate-shifted copies of the Fashion-MNIST test set ``clean``.
+
+    ``source="published"``: ``{"fmnist-c": FMNIST-C test}`` (raises FileNotFoundError listing
+    the files when absent); ``"synthetic"``: `synthetic_shift_sets` (mixed kinds, one set per
+    severity); ``"auto"``: the published set when found, else the synthetic ones. The set
+    names say which it is, so a report cannot label synthetic corruptions as FMNIST-C.
+    """
+    if source not in ("auto", "published", "synthetic"):
+        raise ValueError(f"source must be 'auto', 'published' or 'synthetic', got {source!r}.")
+    if source != "synthetic":
+        try:
+            return {"fmnist-c": load_fmnist_c("test", root)}
+        except FileNotFoundError:
+            if source == "published":
+                raise
+    return synthetic_shift_sets(clean, severities, None, seed)
+
+
+def _top1(f, name: str) -> float:
+    from .features import as_features
+
+    f = as_features(f)
+    if f.logits is None or f.labels is None:
+        raise ValueError(f"shift_accuracies: set {name!r} needs logits and labels (covariate-shift sets keep "
+                         "the ID labels).")
+    y = np.asarray(f.labels)
+    if len(y) == 0:
+        raise ValueError(f"shift_accuracies: set {name!r} is empty.")
+    logits = np.asarray(f.logits, dtype=np.float64)
+    if not np.all(np.isfinite(logits)):
+        raise ValueError(f"shift_accuracies: set {name!r} has NaN or inf logits.")
+    return float(np.mean(np.argmax(logits, axis=1) == y))
+
+
+def shift_accuracies(clean, shifted: Mapping[str, Any]) -> dict[str, float]:
+    """Top-1 accuracy on ``clean`` (key ``"clean"``) and every shifted set, from `Features`
+    holding logits and labels (what a benchmark extracted once)."""
+    return {"clean": _top1(clean, "clean"), **{str(k): _top1(v, str(k)) for k, v in shifted.items()}}
+
+
+def shift_table(accuracies: Mapping[str, float]):
+    """One row per set: ``set``, ``kind``, ``severity`` (parsed from names such as
+    ``"synthetic-mixed/s3"``; None otherwise), ``accuracy`` and ``relative`` (to clean)."""
+    import pandas as pd
+
+    summary = shift_summary(accuracies)
+    rows = []
+    for name, acc in accuracies.items():
+        kind, _, sev = str(name).partition("/s")
+        rows.append({"set": name, "kind": kind, "severity": int(sev) if sev.isdigit() else None,
+                     "accuracy": float(acc), "relative": float(acc) / summary["clean_accuracy"]})
+    return pd.DataFrame(rows)
 
 
 def accuracy_under_shift(model, clean, shifted: Mapping[str, Any], mean=None, std=None, device: str = "cpu",

@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from .base import Objective
+from .base import Objective, register_objective
 
 __all__ = [
     "MixupSmoothing",
     "average_weights",
     "bang",
+    "finetune_and_ensemble",
     "interpolate_weights",
     "recompute_batchnorm",
     "wise_ft",
@@ -159,8 +160,10 @@ def recompute_batchnorm(model, data, batches: int = 50, batch_size: int = 256, m
     return model.eval()
 
 
+@register_objective("mixup_ls")
 class MixupSmoothing(Objective):
-    """Cross-entropy on Mixup inputs with label-smoothed targets (BANG's fine-tuning loss).
+    """Cross-entropy on Mixup inputs with label-smoothed targets (BANG's fine-tuning loss;
+    ``oodscope train --method mixup_ls``).
 
     ``λ ~ Beta(α, α)`` per batch; ``x̃ = λx + (1 − λ)x[π]`` and the target is the same mix
     of the (smoothed) one-hot labels. ``mixup_alpha = 0`` disables Mixup, ``smoothing = 0``
@@ -199,6 +202,42 @@ class MixupSmoothing(Objective):
         return loss, {"mix_ce": float(loss.detach()), "lambda": lam}
 
 
+def finetune_and_ensemble(pretrained, train_data, method: str = "wise-ft", alphas: Iterable[float] = (0.5,),
+                          objective: Objective | None = None, mixup_alpha: float = 0.2, smoothing: float = 0.1,
+                          bn_data=None, **fit_kwargs: Any):
+    """Weight-space ensembling as a training option: fine-tune a copy of ``pretrained`` on
+    ``train_data`` and return the WiSE-FT models along ``alphas``.
+
+    ``method="wise-ft"`` fine-tunes with ``objective`` (default plain cross-entropy);
+    ``"bang"`` with `MixupSmoothing` (``mixup_alpha``, ``smoothing``). ``bn_data``: re-estimate
+    BatchNorm statistics of every interpolated model on it (`recompute_batchnorm`; a no-op
+    for networks without BatchNorm). ``fit_kwargs`` go to `oodscope.train.fit`.
+    Returns ``({alpha: model}, finetuned_model, history)``; ``pretrained`` is not modified.
+    """
+    from .base import CrossEntropy
+    from .loop import fit
+
+    if method not in ("wise-ft", "bang"):
+        raise ValueError(f"method must be 'wise-ft' or 'bang', got {method!r}.")
+    alphas = [_check_alpha(a) for a in alphas]
+    if not alphas:
+        raise ValueError("alphas is empty: give at least one interpolation coefficient.")
+    seed = int(fit_kwargs.get("seed", 0))
+    if method == "bang":
+        if objective is not None:
+            raise ValueError("method='bang' fine-tunes with MixupSmoothing; do not pass objective=.")
+        objective = MixupSmoothing(mixup_alpha, smoothing, seed)
+    model, history = fit(copy.deepcopy(pretrained), train_data, objective=objective or CrossEntropy(), **fit_kwargs)
+    out = {}
+    for a in alphas:
+        m = wise_ft(pretrained, model, a)
+        if bn_data is not None:
+            recompute_batchnorm(m, bn_data, mean=fit_kwargs.get("mean"), std=fit_kwargs.get("std"),
+                                device=fit_kwargs.get("device", "cpu"))
+        out[a] = m
+    return out, model.eval(), history
+
+
 def bang(pretrained, train_data, alpha: float = 0.5, mixup_alpha: float = 0.2, smoothing: float = 0.1,
          **fit_kwargs: Any):
     """BANG: fine-tune a copy of ``pretrained`` with `MixupSmoothing`, then WiSE-FT at ``alpha``.
@@ -206,9 +245,6 @@ def bang(pretrained, train_data, alpha: float = 0.5, mixup_alpha: float = 0.2, s
     ``fit_kwargs`` go to `oodscope.train.fit` (epochs, lr, batch size, mean/std...).
     Returns ``(averaged_model, finetuned_model, history)``.
     """
-    from .loop import fit
-
-    seed = int(fit_kwargs.get("seed", 0))
-    model = copy.deepcopy(pretrained)
-    model, history = fit(model, train_data, objective=MixupSmoothing(mixup_alpha, smoothing, seed), **fit_kwargs)
-    return wise_ft(pretrained, model, alpha), model, history
+    models, model, history = finetune_and_ensemble(pretrained, train_data, "bang", (alpha,), None, mixup_alpha,
+                                                   smoothing, **fit_kwargs)
+    return models[_check_alpha(alpha)], model, history

@@ -49,6 +49,10 @@ from .prompts import FewShotProtocol, PromptableText, PromptResult, embed_crops,
 
 __all__ = ["mine_negative_words", "train_cma", "train_krnft", "train_lapt", "train_local_prompt"]
 
+#: the methods' default data protocols (LAPT and CMA tune on all given images; Local-Prompt's
+#: headline setting is 16-shot, KR-NFT's 4-shot)
+ALL_IMAGES, SIXTEEN_SHOT, FOUR_SHOT = FewShotProtocol(None), FewShotProtocol(16), FewShotProtocol(4)
+
 
 # ---------------------------------------------------------------- shared helpers
 def _torch():
@@ -210,7 +214,7 @@ def train_lapt(encoder: DualEncoder | str, class_names: Sequence[str], id_featur
                batch_size: int = 32, lr: float = 0.01, optimizer: str = "sgd", weight_decay: float = 1e-5,
                mix_alpha: float = 1.0, cross_modal_weight: float = 1.0,
                cross_distribution_weight: float = 1.0, anchor_template: str = "a photo of a {}.",
-               protocol: FewShotProtocol = FewShotProtocol(None), n_groups: int = 100,
+               protocol: FewShotProtocol = ALL_IMAGES, n_groups: int = 100,
                seed: int = 0) -> PromptResult:
     """LAPT prompt tuning (see the module docstring).
 
@@ -366,7 +370,7 @@ def _select_crops(encoder, images, class_text, labels, n_views, crop_scale, rng,
 
 @_frozen_towers
 def train_local_prompt(encoder: DualEncoder | str, class_names: Sequence[str], images: Sequence[Any],
-                       labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(16),
+                       labels: Sequence[int], protocol: FewShotProtocol = SIXTEEN_SHOT,
                        n_ctx: int = 16, n_neg_prompts: int = 300, n_views: int = 16, num_pos: int = 8,
                        topk: int = 20, temperature: float = 1.0, neg_weight: float = 5.0,
                        div_weight: float = 0.5, global_template: str = "a photo of a {}.",
@@ -473,7 +477,7 @@ class _NFT:
 
 @_frozen_towers
 def train_krnft(encoder: DualEncoder | str, class_names: Sequence[str], images: Sequence[Any],
-                labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(4),
+                labels: Sequence[int], protocol: FewShotProtocol = FOUR_SHOT,
                 neg_words: Sequence[str] | None = None, words: Any = None, n_negatives: int = 10500,
                 template: str = "The nice {}.", n_views: int = 128, n_selection: int = 32,
                 meta_reduction: int = 64, n_groups: int = 10, in_weight: float = 1.0, out_weight: float = 0.3,
@@ -566,7 +570,7 @@ def cma_loss(image_embeds, text_embeds, scale, lam: float):
 
 
 def train_cma(encoder: DualEncoder | str, class_names: Sequence[str], images: Sequence[Any],
-              labels: Sequence[int], protocol: FewShotProtocol = FewShotProtocol(None), lam: float = 1e-3,
+              labels: Sequence[int], protocol: FewShotProtocol = ALL_IMAGES, lam: float = 1e-3,
               template: str = "a photo of a {}.", score_template: str = "The nice {}.",
               neg_words: Sequence[str] | None = None, words: Any = None, n_negatives: int = 10000,
               epochs: int = 10, batch_size: int = 512, lr: float = 1e-5, weight_decay: float = 0.1,

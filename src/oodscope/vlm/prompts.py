@@ -136,8 +136,6 @@ class PromptableText:
         return emb
 
     def _tokenize(self, prompts: list[str]):
-        import torch
-
         if self._kind == "hf":
             tok = self.encoder.tokenizer(prompts, padding=True, truncation=True,
                                          max_length=self.encoder.max_length, return_tensors="pt")
