@@ -185,7 +185,7 @@ def shift_accuracies(clean, shifted: Mapping[str, Any]) -> dict[str, float]:
 
 def shift_table(accuracies: Mapping[str, float]):
     """One row per set: ``set``, ``kind``, ``severity`` (parsed from names such as
-    ``"synthetic-mixed/s3"``; None otherwise), ``accuracy`` and ``relative`` (to clean)."""
+    ``"synthetic-mixed/s3"``; NaN otherwise), ``accuracy`` and ``relative`` (to clean)."""
     import pandas as pd
 
     summary = shift_summary(accuracies)

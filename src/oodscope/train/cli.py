@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
                           ("weight_ensemble", None)):
         if not hasattr(args, name):
             setattr(args, name, default)
+    if args.weight_ensemble == "bang" and args.method != "ce":
+        raise ValueError("--weight-ensemble bang fine-tunes with its own loss (Mixup + label smoothing); "
+                         "drop --method.")
     import torch
 
     from .. import data as odata
@@ -152,9 +155,6 @@ def run(args: argparse.Namespace) -> int:
     if args.weight_ensemble:
         from .weight_ensembles import finetune_and_ensemble
 
-        if args.weight_ensemble == "bang" and args.method != "ce":
-            raise ValueError("--weight-ensemble bang fine-tunes with its own loss (Mixup + label smoothing); "
-                             "drop --method.")
         ensembles, model, history = finetune_and_ensemble(
             model, train, args.weight_ensemble, args.alpha,
             objective=None if args.weight_ensemble == "bang" else objective, **fit_kwargs)
