@@ -50,8 +50,8 @@ def _groups(m: int, n_groups: int, seed: int) -> list[np.ndarray]:
     return list(np.array_split(perm, min(int(n_groups), m)))
 
 
-class _TunedNegLabel(NegLabel):
-    """Grouped NegLabel scoring on ID / negative text embeddings read from tuned prompts."""
+class _GroupedPromptParams:
+    """Parameters shared by the detectors that score tuned prompts with grouped negatives."""
 
     method = ""
     score_params = frozenset()  # the temperature is resolved in fit (see _temperature)
@@ -69,6 +69,10 @@ class _TunedNegLabel(NegLabel):
         if int(self.n_groups) != self.n_groups or self.n_groups < 1:
             raise ValueError(f"n_groups must be an integer >= 1, got {self.n_groups}.")
         _check_temperature(self.temperature)
+
+
+class _TunedNegLabel(_GroupedPromptParams, NegLabel):
+    """Grouped NegLabel scoring on ID / negative text embeddings read from tuned prompts."""
 
     def _parts(self, img: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         sid = img @ self.id_text_.T / self.temperature_
@@ -121,7 +125,7 @@ class CMA(_TunedNegLabel):
 @register("local_prompt", "local-prompt")
 class LocalPrompt(Detector):
     """Local-Prompt's Regional-MCM: global MCM plus the mean of the ``topk`` largest
-    regional ID probabilities.
+    regional ID probabilities (``topk`` default 20, the trainer's default region count).
 
     With cosines ``g_c`` (global image vs the frozen global prompts), ``l_{p,c}`` (patch p
     vs local prompt c) and ``n_{p,j}`` (patch p vs negative local prompt j):
@@ -134,10 +138,10 @@ class LocalPrompt(Detector):
     min_fit_samples = 1
     reference = ("Zeng et al., Local-Prompt: Extensible Local Prompts for Few-Shot Out-of-Distribution "
                  "Detection, ICLR 2025")
-    search_space = {"topk": [5, 10, 50], "temperature": [0.5, 1.0]}
+    search_space = {"topk": [5, 10, 20, 50], "temperature": [0.5, 1.0]}
     score_params = frozenset({"topk", "temperature"})
 
-    def __init__(self, prompts: Any = None, topk: int = 10, temperature: float = 1.0):
+    def __init__(self, prompts: Any = None, topk: int = 20, temperature: float = 1.0):
         self.prompts = prompts
         self.topk = topk
         self.temperature = temperature
@@ -181,7 +185,7 @@ class LocalPrompt(Detector):
 
 
 @register("krnft", "kr-nft")
-class KRNFT(Detector):
+class KRNFT(_GroupedPromptParams, Detector):
     """KR-NFT: grouped NegLabel score on image-conditionally transformed text features.
 
     For an image x, ID rows become ``(s_id + meta_s_id(x)) ⊙ t + (b_id + meta_b_id(x))`` and
@@ -197,21 +201,12 @@ class KRNFT(Detector):
                  "for Out-of-Distribution Detection, ACM MM 2025")
     search_space = {"n_groups": [1, 10]}
 
+    method = "krnft"
     _PARTS = ("id", "ood")
 
     def __init__(self, prompts: Any = None, n_groups: int = 10, group_seed: int = 0,
                  temperature: float | None = None):
-        self.prompts = prompts
-        self.n_groups = n_groups
-        self.group_seed = group_seed
-        self.temperature = temperature
-
-    def _check_params(self) -> None:
-        if self.prompts is None:
-            _prompts(None, "krnft")
-        if int(self.n_groups) != self.n_groups or self.n_groups < 1:
-            raise ValueError(f"n_groups must be an integer >= 1, got {self.n_groups}.")
-        _check_temperature(self.temperature)
+        super().__init__(prompts, n_groups, group_seed, temperature)
 
     def _fit(self, train: Features | None) -> None:
         res = _prompts(self.prompts, "krnft")

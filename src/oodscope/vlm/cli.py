@@ -17,24 +17,14 @@ with ``oodscope.create("<method>", prompts="<out>/prompts").fit()``.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from ..train.cli import _param
 
 __all__ = ["add_arguments", "run"]
 
 METHODS = {"lapt": "lapt", "local-prompt": "local_prompt", "local_prompt": "local_prompt",
            "krnft": "krnft", "kr-nft": "krnft", "cma": "cma"}
-
-
-def _param(text: str):
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--param expects KEY=VALUE, got {text!r}.")
-    key, value = text.split("=", 1)
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError:
-        parsed = value
-    return key.strip(), parsed
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,33 +3,58 @@
 Every ``train_*`` function returns a `PromptResult` (save it with
 `oodscope.vlm.prompts.save_prompts`) whose arrays the matching detector in
 `oodscope.detectors.vlm_tuned` scores with (``lapt``, ``local_prompt``, ``krnft``,
-``cma``). Image towers stay frozen except in CMA; image embeddings are computed once.
+``cma``). Image towers stay frozen except in CMA. Defaults follow the authors' released
+configurations (named per method below); the tests train tiny random CLIPs for a few steps.
 
-* **LAPT** (Zhang et al., ECCV 2024). CoOp context (4 tokens, initialised from "a photo of
-  a") shared by the ID class names and NegMining negative labels; cross-entropy over the
-  C + M labels on images collected for every label, plus *cross-modal mixing* (an image
-  embedding mixed with a text embedding of its own label, same target) and
-  *cross-distribution mixing* (an ID image mixed with a negative-label image, soft target
-  λ·y_id + (1 − λ)·y_neg), λ ~ Beta(α, α). Scored with grouped NegLabel. LAPT collects its
-  images automatically (text-to-image generation or retrieval); pass them as
-  ``neg_features`` / ``id_features``. Without negative images the frozen text embeddings of
-  the negative labels stand in for them (our fallback, not in the paper).
-* **Local-Prompt** (Zeng et al., ICLR 2025). Frozen hand-crafted global prompts pick, among
-  random crops of each few-shot image, the crops most and least similar to the true
-  class (global-prompt-guided negative augmentation). Class-specific *local* prompts and
-  ``n_neg_prompts`` negative local prompts are trained on the crops' patch embeddings with
-  the regional contrastive losses of the authors' code (top-k regions) plus a diversity
-  term on the negative prompts; scored with Regional-MCM.
-* **KR-NFT** (Zhu et al., ACM MM 2025). Negative Feature Tuning: frozen text features of
-  ID labels and mined negatives get distribution-aware affine transforms (one scale/shift
-  pair for ID rows, one for negative rows), each plus an image-conditional residual from
-  a small meta-network (last layer zero-initialised). Loss (authors' code):
-  ``λ_in·CE_grouped(best crops) + λ_out·mean log p_ID(worst crops) + λ_kd·(1 − cos(tuned,
-  frozen))``; scored with grouped NegLabel on the transformed features.
-* **CMA** (Kim et al., CVPR 2025). Full fine-tuning of both towers with the FLYP
-  contrastive loss plus the cross-modal alignment regulariser
-  ``½[CE_img + λ·mean(−logsumexp_row)] + ½[CE_txt + λ·mean(−logsumexp_col)]``; scored
-  with NegLabel ("The nice {}", no grouping) on the fine-tuned model.
+* **LAPT** (Zhang et al., ECCV 2024; code: OpenOOD-VLM ``scripts/ood/lapt``). CoOp context
+  (4 tokens from "a photo of a", one context for every label) over the ID class names and
+  NegMining negatives; cross-entropy over the C + M labels on images of every label, plus
+  *cross-modal mixing* (an image embedding mixed with the frozen text embedding of its own
+  label, same target) and *cross-distribution mixing* (an ID image mixed with a negative-
+  label image, soft target λ·y_id + (1 − λ)·y_neg); λ ~ Beta(1, 1) folded into [0, 0.5] and
+  the mixed embedding L2-normalised, as in the authors' ``mixup_data``. SGD (Nesterov) lr
+  0.01, wd 1e-5, 10 epochs, batch 32, cosine to 1e-6; 1,000 negatives in training, 10,000 at
+  scoring (through the learned context), grouped NegLabel with 100 groups.
+  Deviations: the authors' feature mixup pairs any two batch samples of different labels,
+  we pair ID with negative samples only (the paper's "cross-distribution"); the cross-modal
+  anchor is one prompt template (theirs: several); LAPT collects negative-label images
+  automatically (generation or retrieval) — pass them as ``neg_features``; without them the
+  negatives' text embeddings stand in for their images (our fallback).
+* **Local-Prompt** (Zeng et al., ICLR 2025; code: AuroraZengfh/Local-Prompt). Every epoch
+  16 fresh random crops per few-shot image are ranked by cosine with the frozen "a photo of
+  a {class}." prompt; each of the 8 most similar is a positive (one SGD step each), the
+  least similar is the negative. Class-specific local prompts (16 context tokens) and 300
+  negative local prompts are trained on the crops' patch embeddings with the regional
+  contrastive losses of the authors' code (top-20 regions, T = 1, negative weight 5,
+  diversity weight 0.5); SGD lr 2e-3 (one constant warm-up epoch at 1e-5, then cosine), wd
+  5e-4, 30 epochs, batch 256. Scored with Regional-MCM.
+  Deviations: crops are square with the area drawn from (0.08, 1) (torchvision's
+  ``RandomResizedCrop`` also varies the aspect ratio); the diversity term is the mean
+  off-diagonal cosine of the *negative* local prompts, whose diversity it is named for —
+  the released trainer computes the cosine matrix of the ID local prompts (diagonal
+  included) while normalising by the negative-prompt count.
+* **KR-NFT** (Zhu et al., ACM MM 2025; code: ZhuWenjie98/KRNFT). Negative Feature Tuning:
+  the frozen text features ("The nice {}.") of the ID labels and 10,500 mined negatives get
+  distribution-aware affine transforms (one scale/shift pair for ID rows, one for negative
+  rows), each plus an image-conditional residual from a meta-network (hidden width D / 64,
+  last layer zero-initialised) fed the most class-like crop. Loss (authors' code):
+  ``λ_in·CE_grouped(32 best crops) + λ_out·mean log p_ID(32 worst crops) +
+  λ_kd·(1 − cos(tuned, frozen))`` with 1 / 0.3 / 10 and 10 groups, of 128 fresh crops per
+  image; AdamW lr 1e-5 (its default weight decay 0.01), batch 1, 3 epochs; scored with
+  grouped NegLabel on the transformed features.
+  Deviations: negative groups are a split of all negatives into near-equal parts (the
+  released code drops the remainder); every epoch visits every image (the released trainer
+  stops each epoch after a tenth of the batches).
+* **CMA** (Kim et al., CVPR 2025; code: ma-kjh/CMA). Full fine-tuning of both towers with
+  the FLYP contrastive loss plus the cross-modal alignment regulariser
+  ``½[CE_img + λ·mean(−logsumexp_row)] + ½[CE_txt + λ·mean(−logsumexp_col)]`` (λ = 1e-3,
+  AdamW lr 1e-5, wd 0.1, 500 warm-up steps then cosine, batch 512, 10 epochs); scored with
+  NegLabel ("The nice {}", no grouping) on the fine-tuned model. Deviation: the learned
+  logit scale is clamped at 100 during training (CLIP's own cap).
+
+Real-size recipe: a local ViT-B/16 checkpoint (``vlm.load("hf:/path/to/clip-vit-base-
+patch16")``), ImageNet-1k training images (LAPT and CMA: all of them plus, for LAPT, the
+negative-label images; Local-Prompt 16-shot; KR-NFT 4-shot), the defaults above; a GPU.
 """
 
 from __future__ import annotations
@@ -161,6 +186,14 @@ def _labels(f: Features, c: int, what: str) -> np.ndarray:
     return y
 
 
+def _labelled_embeds(encoder, class_names, features: Features, what: str = "id_features"):
+    """``(encoder, names, embeddings, labels)``: the encoder resolved, the class names checked,
+    the labelled image embeddings of ``features`` read and validated."""
+    encoder = load(encoder)
+    names = _check_names(class_names)
+    return encoder, names, _image_embeds(features, what), _labels(features, len(names), what)
+
+
 def _images_and_labels(images, labels, c: int, protocol: FewShotProtocol, what: str):
     y = np.asarray(labels, dtype=np.int64)
     if len(images) != len(y):
@@ -187,6 +220,20 @@ def mine_negative_words(encoder: DualEncoder, class_names: Sequence[str], words:
     cand = encoder.encode_text(pool, (template,), progress=len(pool) > 2000)
     idx = mine_negatives(cand, id_emb, n_negatives, percentile)
     return [pool[i] for i in idx], cand[idx].astype(np.float64)
+
+
+def resolve_negatives(encoder: DualEncoder, class_names: Sequence[str], neg_words: Sequence[str] | None, words: Any,
+                      n_negatives: int, template: str, what: str) -> tuple[list[str], np.ndarray]:
+    """``neg_words`` embedded with ``template``, or (when None) NegMining's ``n_negatives``
+    from ``words``; refuses an empty list."""
+    if neg_words is None:
+        neg_words, emb = mine_negative_words(encoder, class_names, words, n_negatives, template)
+    else:
+        neg_words = [str(w) for w in neg_words]
+        emb = encoder.encode_text(neg_words, (template,)).astype(np.float64)
+    if not neg_words:
+        raise ValueError(f"{what} needs at least one negative label.")
+    return list(neg_words), emb
 
 
 def _history_entry(epoch: int, losses: list[float], t0: float, **extra) -> dict[str, float]:
@@ -234,11 +281,8 @@ def train_lapt(encoder: DualEncoder | str, class_names: Sequence[str], id_featur
         training negatives.
     """
     torch = _torch()
-    encoder = load(encoder)
-    names = _check_names(class_names)
+    encoder, names, x_id, y_id = _labelled_embeds(encoder, class_names, id_features)
     c = len(names)
-    x_id = _image_embeds(id_features, "id_features")
-    y_id = _labels(id_features, c, "id_features")
     sel = protocol.select(y_id, c)
     x_id, y_id = x_id[sel], y_id[sel]
     ranked = None
@@ -499,13 +543,7 @@ def train_krnft(encoder: DualEncoder | str, class_names: Sequence[str], images: 
     if not 1 <= n_selection <= n_views // 2:
         raise ValueError(f"n_selection must be in [1, n_views // 2] so ID and OOD crops differ; got "
                          f"n_selection={n_selection}, n_views={n_views}.")
-    if neg_words is None:
-        neg_words, neg_emb = mine_negative_words(encoder, names, words, n_negatives, template)
-    else:
-        neg_words = [str(w) for w in neg_words]
-        neg_emb = encoder.encode_text(neg_words, (template,)).astype(np.float64)
-    if not neg_words:
-        raise ValueError("KR-NFT needs at least one negative label.")
+    neg_words, neg_emb = resolve_negatives(encoder, names, neg_words, words, n_negatives, template, "KR-NFT")
     base = np.concatenate([encoder.encode_text(names, (template,)).astype(np.float64), neg_emb])
     photo = encoder.encode_text(names, ("a photo of a {}.",)).astype(np.float64)
     d = base.shape[1]
@@ -611,11 +649,7 @@ def train_cma(encoder: DualEncoder | str, class_names: Sequence[str], images: Se
         history.append(_history_entry(epoch, losses, t0))
     tuned.model.eval()
     tuned.logit_scale = float(log_scale.detach().exp())
-    if neg_words is None:
-        neg_words, neg_emb = mine_negative_words(tuned, names, words, n_negatives, score_template)
-    else:
-        neg_words = [str(w) for w in neg_words]
-        neg_emb = tuned.encode_text(neg_words, (score_template,)).astype(np.float64)
+    neg_words, neg_emb = resolve_negatives(tuned, names, neg_words, words, n_negatives, score_template, "CMA")
     result = PromptResult(
         method="cma", class_names=names, neg_words=list(neg_words), encoder=tuned.name, history=history,
         arrays={"id_text": tuned.encode_text(names, (score_template,)).astype(np.float64), "neg_text": neg_emb},

@@ -303,21 +303,12 @@ def train_synood(encoder: DualEncoder | str, class_names: Sequence[str], id_feat
     ``ood_features`` (embeddings of the synthesised images). Returns the ``synood`` prompts:
     ID / negative text features (tuned rows for the mined labels) and the projection."""
     torch = _torch()
-    from .prompt_tuning import _check_names, _image_embeds, _labels, mine_negative_words
+    from .prompt_tuning import _image_embeds, _labelled_embeds, resolve_negatives
 
-    encoder = load(encoder)
-    names = _check_names(class_names)
+    encoder, names, x_id, y_id = _labelled_embeds(encoder, class_names, id_features)
     c = len(names)
-    x_id = _image_embeds(id_features, "id_features")
-    y_id = _labels(id_features, c, "id_features")
     x_ood = _image_embeds(ood_features, "ood_features")
-    if neg_words is None:
-        neg_words, neg_text = mine_negative_words(encoder, names, words, n_negatives, template)
-    else:
-        neg_words = [str(w) for w in neg_words]
-        neg_text = encoder.encode_text(neg_words, (template,)).astype(np.float64)
-    if not neg_words:
-        raise ValueError("SynOOD needs negative labels.")
+    neg_words, neg_text = resolve_negatives(encoder, names, neg_words, words, n_negatives, template, "SynOOD")
     id_text = encoder.encode_text(names, (template,)).astype(np.float64)
     scale = float(encoder.logit_scale)
     mined = mine_ood_labels(x_ood, neg_text)
