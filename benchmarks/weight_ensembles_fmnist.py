@@ -44,23 +44,19 @@ def _logits(model, ds, mean, std):
     model.eval()
     with torch.no_grad():
         for x, _ in D.loader(ds, 1000, mean=mean, std=std):
-            out.append(model(x).double().numpy())
-    import numpy as np
-
-    return np.concatenate(out)
+            out.append(model(x).double())
+    return torch.cat(out).numpy()
 
 
 def _measure(model, test, shifted, ood, mean, std):
-    import numpy as np
-
     import oodscope as ood_pkg
     from oodscope import Features
-    from oodscope.generalization import shift_summary
+    from oodscope.generalization import shift_accuracies, shift_summary
 
-    acc = {}
-    for name, ds in {"clean": test, **shifted}.items():
-        acc[name] = float(np.mean(_logits(model, ds, mean, std).argmax(1) == ds.labels))
-    l_id, l_ood = _logits(model, test, mean, std), _logits(model, ood, mean, std)
+    feats = {name: Features(logits=_logits(model, ds, mean, std), labels=ds.labels)
+             for name, ds in {"clean": test, **shifted}.items()}
+    l_id, l_ood = feats["clean"].logits, _logits(model, ood, mean, std)
+    acc = shift_accuracies(feats.pop("clean"), feats)
     det = {}
     for name in ("msp", "energy"):
         d = ood_pkg.create(name).fit()
