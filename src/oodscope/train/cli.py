@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data as odata
     from ..models import create, save_checkpoint
-    from ..models.reference import RECIPES
+    from .reference import RECIPES
     from .base import create_objective
     from .loop import evaluate, fit
 
