@@ -37,6 +37,7 @@ import numpy as np
 
 from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
+from ..generalization import shift_accuracies, shift_summary
 from ..metrics import accuracy, auroc, bootstrap_replicates, evaluate, fpr_at_95_tpr
 from .catalog import get_benchmark
 from .results import COLUMNS, METRIC_COLUMNS, BenchResult, result_row
@@ -250,6 +251,10 @@ def _run_info(fs: FeatureSet, ood_sets: dict[str, Features], covariate: dict[str
     cov_acc = {k: id_accuracy(f) for k, f in fs.covariate.items()}
     if any(v is not None for v in cov_acc.values()):
         info.setdefault("covariate_accuracy", cov_acc)
+        if info["id_accuracy"] is not None:
+            acc = shift_accuracies(fs.test_id, {k: fs.covariate[k] for k, v in cov_acc.items()
+                                                if v is not None})
+            info.setdefault("generalization", {"accuracy": acc, **shift_summary(acc)})
     info["splits"] = {
         "train": len(fs.train), "val_id": len(fs.val_id), "val_ood": len(fs.val_ood),
         "test_id": len(fs.test_id), **{k: len(f) for k, f in ood_sets.items()},
