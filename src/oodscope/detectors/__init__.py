@@ -24,7 +24,9 @@ __all__ = [
     "register",
 ]
 
-FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm")
+FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm",
+            "rank", "neuron", "adascale", "prototype", "mdsens", "energy_weighted", "openmax", "bayes",
+            "multilayer")
 _loaded = False
 
 

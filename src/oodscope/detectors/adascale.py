@@ -17,6 +17,7 @@ import numpy as np
 
 from .._numeric import logsumexp
 from ..features import Features
+from ._checks import check_fraction, check_int, check_real, refuse_unresolved_scores
 from ._network import (
     capture_head_input,
     check_model,
@@ -30,8 +31,10 @@ from .base import Detector, register
 
 __all__ = ["AdaSCALEA", "AdaSCALEL", "adaptive_scale"]
 
-#: Percentile ranges of the authors' sweep (a subset: the full sweep has 36 pairs).
-_PERCENTILE_SPACE = [(60, 85), (70, 85), (75, 85), (80, 85), (80, 90), (85, 90), (85, 95), (90, 99)]
+#: The authors' sweep (OpenOOD adascale_a/l configs): every pair p_min < p_max of
+#: 60, 65, ..., 95, 99 (36 pairs).
+_GRID = (60, 65, 70, 75, 80, 85, 90, 95, 99)
+_PERCENTILE_SPACE = [(lo, hi) for i, lo in enumerate(_GRID) for hi in _GRID[i + 1:]]
 
 
 def adaptive_scale(h: np.ndarray, percentiles: np.ndarray) -> np.ndarray:
@@ -57,9 +60,13 @@ class _AdaSCALE(Detector):
     ``Q(x) = Σ_{j ∈ top-k1(h)} relu(h̃_j) + λ Σ_{j ∈ top-k2(h)} |h_j − h̃_j|``
     (``k1``, ``k2`` in percent of the feature width, at least one unit). ``fit`` stores the
     sorted ``Q`` of ``n_samples`` ID training samples; a test sample's percentile is
-    ``p = p_min + (1 − ECDF(Q(x))) (p_max − p_min)``, so a sample that moves more (typical of
-    OOD data) is pruned harder. The scale ``r`` is SCALE's ratio at that percentile
-    (`adaptive_scale`); the variants differ in where it is applied.
+    ``p = p_min + (1 − ECDF(Q(x))) (p_max − p_min)`` (a larger ``Q`` gives a percentile closer
+    to ``p_min``). The scale ``r`` is SCALE's ratio at that percentile (`adaptive_scale`); the
+    variants differ in where it is applied. Perturbation, ``Q``, the ECDF and the defaults
+    (``k1 = 5``, ``k2 = 1``, ``λ = 10``, ``o = 5%``, step 0.5 in the network's input units,
+    5000 fit samples, percentiles (75, 85), the 36-pair sweep) follow the authors' OpenOOD
+    postprocessor; it fits the ECDF on ID validation images, ``fit`` here on the Features it
+    is given. Elements with a zero gradient are not moved (``sign(0) = 0``, as there).
     """
 
     requires = frozenset({"model", "inputs"})
@@ -102,18 +109,16 @@ class _AdaSCALE(Detector):
     def _check_params(self) -> None:
         check_model(self, self.model)
         self._percentiles()
-        for name, low, high in (("k1", 0, 100), ("k2", 0, 100), ("o", 0, 1)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not low < v <= high:
-                raise ValueError(f"{type(self).__name__}: {name} must be in ({low}, {high}], got {v!r}.")
-        for name in ("lmbda", "step"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v < 0:
-                raise ValueError(f"{type(self).__name__}: {name} must be a finite number >= 0, got {v!r}.")
-        if self.n_samples is not None and int(self.n_samples) < 2:
-            raise ValueError(f"{type(self).__name__}: n_samples must be >= 2 or None, got {self.n_samples}.")
-        if int(self.batch_size) < 1:
-            raise ValueError(f"{type(self).__name__}: batch_size must be >= 1, got {self.batch_size}.")
+        for name in ("k1", "k2"):  # percent of the feature width
+            check_real(self, name, getattr(self, name), strict=True)
+            if getattr(self, name) > 100:
+                raise ValueError(f"{type(self).__name__}: {name} is a percentage in (0, 100], got {getattr(self, name)!r}.")
+        check_fraction(self, "o", self.o)
+        check_real(self, "lmbda", self.lmbda)
+        check_real(self, "step", self.step)
+        if self.n_samples is not None:
+            check_int(self, "n_samples", self.n_samples, low=2)
+        check_int(self, "batch_size", self.batch_size)
 
     # ------------------------------------------------------------ network passes
     def features_and_shift(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -188,12 +193,15 @@ class _AdaSCALE(Detector):
         return lo + (1.0 - ecdf) * (hi - lo)
 
     def _score(self, x: Features) -> np.ndarray:
-        h, shift = self._cached(float_inputs(self, x))
+        inputs = float_inputs(self, x)
+        h, shift = self._cached(inputs)
         r = adaptive_scale(h, self.sample_percentiles(shift))
         _, head = head_of(self, self.model)
         w = head.weight.detach().double().cpu().numpy()
         b = (np.zeros(w.shape[0]) if head.bias is None else head.bias.detach().double().cpu().numpy())
-        return logsumexp(self._logits(h @ w.T, b, r), axis=1)
+        scores = logsumexp(self._logits(h @ w.T, b, r), axis=1)
+        refuse_unresolved_scores(type(self).__name__, scores, inputs, "extras['inputs']")
+        return scores
 
     def _logits(self, wh: np.ndarray, b: np.ndarray, r: np.ndarray) -> np.ndarray:
         raise NotImplementedError

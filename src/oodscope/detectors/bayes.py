@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._numeric import log_softmax, logsumexp
 from ..features import Features
+from ._checks import check_int, check_real
 from .base import Detector, register
 
 __all__ = ["MCDropout"]
@@ -48,12 +48,10 @@ class MCDropout(Detector):
         self.random_state = random_state
 
     def _check_params(self) -> None:
-        p = self.p
-        if isinstance(p, bool) or not isinstance(p, numbers.Real) or not 0.0 <= p < 1.0:
-            raise ValueError(f"MCDropout: p is a drop probability in [0, 1), got {p!r}.")
-        n = self.n_samples
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"MCDropout: n_samples must be an integer >= 1, got {n!r}.")
+        check_real(self, "p", self.p)
+        if self.p >= 1.0:
+            raise ValueError(f"MCDropout: p is a drop probability in [0, 1), got {self.p!r}.")
+        check_int(self, "n_samples", self.n_samples)
         if self.criterion not in ("msp", "entropy", "mutual_info"):
             raise ValueError(
                 f"MCDropout: criterion must be 'msp', 'entropy' or 'mutual_info', got {self.criterion!r}.")

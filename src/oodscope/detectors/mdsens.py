@@ -9,13 +9,13 @@ input.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar, Sequence
 
 import numpy as np
 
 from .._numeric import shrunk_covariance_inverse
 from ..features import Features
+from ._checks import check_int, check_real, refuse_unresolved_scores
 from ._network import (
     capture_head_input,
     capture_outputs,
@@ -97,13 +97,12 @@ class MDSEnsemble(Detector):
     # ------------------------------------------------------------ checks
     def _check_params(self) -> None:
         check_model(self, self.model)
-        eps = self.epsilon
-        if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or not np.isfinite(eps) or eps < 0:
-            raise ValueError(f"MDSEnsemble: epsilon must be a finite number >= 0, got {eps!r}.")
-        if not (isinstance(self.shrinkage, numbers.Real) and 0.0 <= self.shrinkage < 1.0):
+        check_real(self, "epsilon", self.epsilon)
+        check_real(self, "shrinkage", self.shrinkage)
+        if self.shrinkage >= 1.0:
             raise ValueError(f"MDSEnsemble: shrinkage must be in [0, 1), got {self.shrinkage!r}.")
-        if int(self.n_calibration) < 2 or int(self.batch_size) < 1:
-            raise ValueError("MDSEnsemble: n_calibration must be >= 2 and batch_size >= 1.")
+        check_int(self, "n_calibration", self.n_calibration, low=2)
+        check_int(self, "batch_size", self.batch_size)
         if self.input_std is not None:
             std = np.asarray(self.input_std, dtype=np.float64)
             if std.ndim > 1 or not np.all(std > 0):
@@ -217,7 +216,10 @@ class MDSEnsemble(Detector):
 
     def _score(self, x: Features) -> np.ndarray:
         weights = self._weights()
-        scores = self.layer_scores(float_inputs(self, x))
+        inputs = float_inputs(self, x)
+        scores = self.layer_scores(inputs)
         if self.layer_weights is None:
             scores = (scores - self.layer_mean_) / self.layer_std_
-        return scores @ weights
+        scores = scores @ weights
+        refuse_unresolved_scores(type(self).__name__, scores, inputs, "extras['inputs']")
+        return scores

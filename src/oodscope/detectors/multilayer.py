@@ -8,7 +8,8 @@ written by ``oodscope.extract(model, data, layers=[...])``):
 
 A 2-D layer array is used as it is; a feature map ``(N, C, H, W)`` is pooled per channel
 (`oodscope.detectors._network.pool_layer`). The name ``"features"`` in ``layers`` stands for
-the penultimate features themselves.
+the penultimate features themselves (a module that is itself called ``features``, like the
+conv trunk of `oodscope.models.SmallCNN`, is reached through its last child, ``features.5``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from .._numeric import logsumexp, shrunk_covariance_inverse
 from ..features import Features
 from ._network import ANY_LAYER, InstanceNeeds, InstanceNeedsMethod, layer_key, pool_layer
 from ._stats import whitening_from_precision
-from .base import Detector, create, register
+from .base import Detector, register
+from .ensemble import _build_member
 
 __all__ = ["MultiLayer", "SEM", "fisher_brown"]
 
@@ -84,16 +86,7 @@ def fisher_brown(p: np.ndarray, mu: float, sigma2: float) -> np.ndarray:
 
 
 def _member_spec(spec: Any) -> Detector:
-    if isinstance(spec, Detector):
-        return spec.clone()
-    if isinstance(spec, str):
-        return create(spec)
-    if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
-        return create(spec[0], **spec[1])
-    raise ValueError(
-        f"MultiLayer: detector {spec!r} is not understood: give a detector name, a (name, params) "
-        "pair such as ('knn', {'k': 10}) or a Detector instance."
-    )
+    return _build_member(spec, "MultiLayer: detector")
 
 
 @register("multilayer", "multi_layer")
@@ -232,11 +225,15 @@ class _TiedGMM:
         else:
             proj = np.eye(x.shape[1])
         z = centred @ proj
+        # EM in units of the data's overall spread: sklearn's reg_covar and tolerances are
+        # absolute, so features in units of 1e-30 would otherwise drown in the regulariser
+        spread = float(np.sqrt(np.mean(np.var(z, axis=0))))
+        spread = spread if spread > 0 else 1.0
+        z = z / spread
         k = max(1, min(int(n_components), len(np.unique(z, axis=0))))
-        gm = GaussianMixture(n_components=k, covariance_type="tied", random_state=seed,
-                             reg_covar=1e-6 * max(float(np.mean(np.var(z, axis=0))), 1e-12)).fit(z)
+        gm = GaussianMixture(n_components=k, covariance_type="tied", random_state=seed, reg_covar=1e-6).fit(z)
         precision = shrunk_covariance_inverse(gm.covariances_, shrinkage)
-        return {"mean": mean, "proj": proj, "means": gm.means_, "log_weights": np.log(gm.weights_),
+        return {"mean": mean, "proj": proj / spread, "means": gm.means_, "log_weights": np.log(gm.weights_),
                 "whiten": whitening_from_precision(precision)}
 
     @staticmethod
@@ -264,9 +261,13 @@ class SEM(Detector):
     ``p_low`` one on the low-level feature statistics of an early layer — per-channel mean
     and variance of its map — which carry style only. Subtracting the low-level part leaves
     the semantic evidence, so covariate-shifted ID images keep high scores while semantic
-    shift is detected. Densities are the unnormalised mixtures of the authors' code
-    (OpenOOD ``gmm`` postprocessor); defaults follow its configurations: 10 components on
-    a 50-D PCA of the penultimate features, 3 components on the raw statistics, λ = 0.01.
+    shift is detected. Densities are the unnormalised mixtures ``Σ_k π_k exp(−½ d_k²)`` of the
+    authors' code (OpenOOD ``gmm`` postprocessor, which scores ``α · log p`` per layer); the
+    defaults follow its SEM configurations (``gmm_iter/cifar_gmm_*``): 10 components on a
+    50-D PCA of the penultimate features, 3 components on the low-level statistics (PCA to 50
+    dimensions there only for ResNet's 128 statistics; ``low_dim`` offers it), λ = 1e-4, with
+    the sweep 0 … 1 over the λ values its configurations use. Their ``log(p + 1e-40)`` floor
+    is not applied (log-sum-exp keeps far samples apart instead of flooring them all at −92).
 
     ``layers[0]`` names the low-level layer (``Features.extras["layer:<name>"]``; a 4-D map
     is pooled to per-channel mean and variance, a 2-D array is taken as the statistics).
@@ -276,14 +277,14 @@ class SEM(Detector):
     fit_fields = frozenset({"features", ANY_LAYER})
     fit_requirements = InstanceNeedsMethod({"features", ANY_LAYER}, _sem_fields)
     all_requirements = InstanceNeedsMethod({"features", ANY_LAYER}, _sem_fields)
-    search_space: ClassVar[dict[str, list[Any]]] = {"low_weight": [0.0, 1e-4, 1e-3, 1e-2, 1e-1, 1.0]}
+    search_space: ClassVar[dict[str, list[Any]]] = {"low_weight": [0.0, 1e-6, 1e-4, 1e-2, 1.0]}
     score_params = frozenset({"low_weight"})
     min_fit_samples = 4
     reference = (
         "Yang, Zhou & Liu, Full-Spectrum Out-of-Distribution Detection (SEM score), IJCV 2023"
     )
 
-    def __init__(self, layers: Sequence[str] | None = None, low_weight: float = 0.01,
+    def __init__(self, layers: Sequence[str] | None = None, low_weight: float = 1e-4,
                  high_components: int = 10, low_components: int = 3, high_dim: int | None = 50,
                  low_dim: int | None = None, shrinkage: float = 1e-3, max_fit_samples: int | None = 20000,
                  random_state: int = 0):

@@ -6,13 +6,13 @@ neither runs the network again.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._numeric import softmax
 from ..features import Features
+from ._checks import check_int, check_real
 from .base import Detector, register
 
 __all__ = ["NCI", "NACUE", "nac_thresholds"]
@@ -26,19 +26,6 @@ def _logits_of(x: Features, rows: slice) -> np.ndarray:
         return np.asarray(x.logits[rows], dtype=np.float64)
     return np.asarray(x.logits_from_features(np.asarray(x.features[rows], dtype=np.float32)),
                       dtype=np.float64)
-
-
-def _check_real(owner: object, name: str, value: Any, *, low: float = 0.0, strict: bool = False) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and np.isfinite(value)
-          and (value > low if strict else value >= low))
-    if not ok:
-        bound = f"> {low}" if strict else f">= {low}"
-        raise ValueError(f"{type(owner).__name__}: {name} must be a finite number {bound}, got {value!r}.")
-
-
-def _check_int(owner: object, name: str, value: Any, low: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{type(owner).__name__}: {name} must be an integer >= {low}, got {value!r}.")
 
 
 @register("nci")
@@ -66,13 +53,13 @@ class NCI(Detector):
         self.alpha = alpha
 
     def _check_params(self) -> None:
-        _check_real(self, "alpha", self.alpha)
+        check_real(self, "alpha", self.alpha)
 
     def _fit(self, train: Features) -> None:
         self.train_mean_ = np.mean(train.features, axis=0, dtype=np.float64)
 
     def _score(self, x: Features) -> np.ndarray:
-        _check_real(self, "alpha", self.alpha)
+        check_real(self, "alpha", self.alpha)
         w = np.asarray(x.head_weight, dtype=np.float64)
         out = np.empty(len(x))
         for start in range(0, len(x), _BLOCK):
@@ -136,13 +123,13 @@ class NACUE(Detector):
         self.random_state = random_state
 
     def _check_params(self) -> None:
-        _check_real(self, "steepness", self.steepness, strict=True)
-        _check_int(self, "bins", self.bins, low=4)
+        check_real(self, "steepness", self.steepness, strict=True)
+        check_int(self, "bins", self.bins, low=4)
         if int(self.bins) % 2:
             raise ValueError(f"NACUE: bins must be even (edges are mirrored around 0.5), got {self.bins}.")
-        _check_int(self, "min_count", self.min_count)
+        check_int(self, "min_count", self.min_count)
         if self.n_samples is not None:
-            _check_int(self, "n_samples", self.n_samples)
+            check_int(self, "n_samples", self.n_samples)
 
     def states(self, x: Features) -> np.ndarray:
         """(N, D) neuron states ``sigmoid(β · h ⊙ Wᵀ(p − 1/C))`` in float64."""
@@ -181,7 +168,7 @@ class NACUE(Detector):
         self.n_fit_samples_ = int(len(rows))
 
     def _score(self, x: Features) -> np.ndarray:
-        _check_int(self, "min_count", self.min_count)
+        check_int(self, "min_count", self.min_count)
         coverage = np.minimum(self.counts_ / float(self.min_count), 1.0)
         states = self.states(x)
         bins = np.clip(np.searchsorted(self.edges_, states, side="right") - 1, 0, len(self.edges_) - 2)

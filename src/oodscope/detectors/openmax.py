@@ -9,7 +9,6 @@ its shifted distance. Everything is float64 and stored as arrays.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
@@ -17,6 +16,7 @@ from scipy.optimize import brentq
 
 from .._numeric import log_softmax
 from ..features import Features
+from ._checks import check_int, check_real
 from .base import Detector, register
 
 __all__ = ["OpenMax", "fit_weibull_high", "weibull_cdf"]
@@ -94,6 +94,9 @@ class OpenMax(Detector):
     ``−log P(unknown)`` (higher = in-distribution; monotone in ``1 − P(unknown)`` but without
     its rounding to 1).
 
+    The rank weights ``ω = 1, (α−1)/α, …, 1/α`` and the ``w_c`` = Weibull CDF follow the
+    authors' code (also OpenOOD's and pytorch-ood's), not the printed Algorithm 2.
+
     ``distance``: ``"eucos"`` (the authors' ``euclidean/200 + cosine``, ``eu_weight=1/200``),
     ``"euclidean"`` (OpenOOD's choice) or ``"cosine"``. Classes without correctly classified
     training samples keep their logit (``w_c = 0``).
@@ -108,6 +111,9 @@ class OpenMax(Detector):
     }
     score_params = frozenset({"alpha"})
     reference = "Bendale & Boult, Towards Open Set Deep Networks (OpenMax), CVPR 2016"
+    #: The synthetic test problem has ~120 training samples per class: a tail of 20 would be
+    #: a sixth of each class (flagging that much ID data as unknown); 10 keeps it a tail.
+    test_params = {"tail_size": 10}
 
     def __init__(self, tail_size: int = 20, alpha: int = 3, distance: str = "eucos",
                  eu_weight: float = 1.0 / 200.0, translate: float = 10000.0):
@@ -118,16 +124,12 @@ class OpenMax(Detector):
         self.translate = translate
 
     def _check_params(self) -> None:
-        for name in ("tail_size", "alpha"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"OpenMax: {name} must be an integer >= 1, got {v!r}.")
+        check_int(self, "tail_size", self.tail_size)
+        check_int(self, "alpha", self.alpha)
         if self.distance not in ("eucos", "euclidean", "cosine"):
             raise ValueError(f"OpenMax: distance must be 'eucos', 'euclidean' or 'cosine', got {self.distance!r}.")
-        for name in ("eu_weight", "translate"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v) or v <= 0:
-                raise ValueError(f"OpenMax: {name} must be a finite number > 0, got {v!r}.")
+        check_real(self, "eu_weight", self.eu_weight, strict=True)
+        check_real(self, "translate", self.translate, strict=True)
 
     def _fit(self, train: Features) -> None:
         z = np.asarray(train.logits, dtype=np.float64)

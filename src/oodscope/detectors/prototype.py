@@ -3,49 +3,50 @@ GROOD (nearest neighbours in the space of gradients w.r.t. an OOD prototype) and
 (the Concentration-Free Outlier Factor, a reverse-nearest-neighbour score).
 
 Both keep arrays only (prototypes, reference features, neighbour-distance tables), so they
-persist as plain arrays; distances are squared Euclidean from float32 GEMMs in row blocks.
+persist as plain arrays; distances are squared Euclidean from float64 GEMMs in row blocks.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._numeric import l2_normalize, log_softmax
 from ..features import Features
+from ._checks import check_fraction, check_int
 from .base import Detector, register
 
 __all__ = ["GROOD", "CFOOD", "cfof_grid"]
 
-#: Query rows per distance block (rows x references float32 stays a few hundred MB at most).
+#: Query rows per block when no (rows x references) array is built.
 _QUERY_BLOCK = 1024
+#: Elements of a (rows x references) float64 block (64 MiB).
+_BLOCK_ELEMENTS = 1 << 23
 
 
-def _sq_dists(a: np.ndarray, b32: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
-    """(len(a), len(b)) squared distances, float32 GEMM, clipped at 0 (round-off)."""
-    a32 = np.asarray(a, dtype=np.float32)
-    d = np.einsum("ij,ij->i", a32, a32, dtype=np.float64)[:, None] - 2.0 * (a32 @ b32.T) + b_sq[None, :]
+def _blocks(n: int, n_ref: int):
+    """Row slices of ``n`` queries such that a (rows, n_ref) float64 array stays ~64 MiB."""
+    step = max(1, min(_QUERY_BLOCK, _BLOCK_ELEMENTS // max(n_ref, 1)))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances in float64, clipped at 0 (round-off).
+
+    float64 on purpose: these distances are compared with stored thresholds (CF-OOD) or are
+    tiny (GROOD's gradients of ID samples), where float32 round-off of the GEMM changed
+    scores between a batch and its rows."""
+    a = np.asarray(a, dtype=np.float64)
+    d = np.einsum("ij,ij->i", a, a)[:, None] - 2.0 * (a @ b.T) + b_sq[None, :]
     return np.maximum(d, 0.0)
 
 
 def _kth_smallest(d: np.ndarray, k: int) -> np.ndarray:
     k = min(k, d.shape[1])
     return np.partition(d, k - 1, axis=1)[:, k - 1]
-
-
-def _check_fraction(owner: object, name: str, value: Any, *, allow_one: bool = True) -> None:
-    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 < value
-          and (value <= 1.0 if allow_one else value < 1.0))
-    if not ok:
-        raise ValueError(f"{type(owner).__name__}: {name} must be a fraction in (0, 1], got {value!r}.")
-
-
-def _check_int(owner: object, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{type(owner).__name__}: {name} must be an integer >= 1, got {value!r}.")
 
 
 def _class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -77,7 +78,7 @@ class GROOD(Detector):
 
     requires = frozenset({"features", "logits"})
     fit_fields = frozenset({"features", "logits", "labels"})
-    search_space: ClassVar[dict[str, list[Any]]] = {"k": [1, 10, 50]}
+    search_space: ClassVar[dict[str, list[Any]]] = {"k": [1, 10, 20, 50, 100], "ood_prototype": ["mixup", "mean"]}
     score_params = frozenset({"k"})
     reference = (
         "ElAraby et al., GROOD: Gradient-Aware Out-of-Distribution Detection, TMLR 2025 "
@@ -90,10 +91,10 @@ class GROOD(Detector):
         self.mix = mix
 
     def _check_params(self) -> None:
-        _check_int(self, "k", self.k)
+        check_int(self, "k", self.k)
         if self.ood_prototype not in ("mixup", "mean"):
             raise ValueError(f"GROOD: ood_prototype must be 'mixup' or 'mean', got {self.ood_prototype!r}.")
-        _check_fraction(self, "mix", self.mix, allow_one=False)
+        check_fraction(self, "mix", self.mix, allow_one=False)
 
     def gradients(self, features: np.ndarray) -> np.ndarray:
         """(N, D) gradients of the prototype loss w.r.t. the OOD prototype, float64."""
@@ -133,15 +134,14 @@ class GROOD(Detector):
                 "GROOD.fit: no training sample is classified correctly by the network, so there "
                 "are no reference gradients; check that labels and logits belong together."
             )
-        grads = self.gradients(h[correct]).astype(np.float32)
+        grads = self.gradients(h[correct])
         self.train_gradients_ = grads
-        self.train_gradients_sq_ = np.einsum("ij,ij->i", grads, grads, dtype=np.float64)
+        self.train_gradients_sq_ = np.einsum("ij,ij->i", grads, grads)
 
     def _score(self, x: Features) -> np.ndarray:
-        _check_int(self, "k", self.k)
+        check_int(self, "k", self.k)
         out = np.empty(len(x))
-        for start in range(0, len(x), _QUERY_BLOCK):
-            rows = slice(start, start + _QUERY_BLOCK)
+        for rows in _blocks(len(x), len(self.train_gradients_)):
             g = self.gradients(x.features[rows])
             d = _sq_dists(g, self.train_gradients_, self.train_gradients_sq_)
             out[rows] = -np.sqrt(_kth_smallest(d, int(self.k)))
@@ -172,12 +172,13 @@ class CFOOD(Detector):
 
     requires = frozenset({"features"})
     fit_fields = frozenset({"features"})
-    search_space: ClassVar[dict[str, list[Any]]] = {"rho": [0.001, 0.005, 0.01, 0.05]}
+    search_space: ClassVar[dict[str, list[Any]]] = {"reference_fraction": [0.1, 0.5, 1.0],
+                                                    "rho": [0.001, 0.005, 0.01, 0.05]}
     score_params = frozenset({"rho"})
     min_fit_samples = 3
     reference = (
         "Angiulli, Fassetti & Zupi, CF-OOD: Concentration-Free Density Estimation for Reliable "
-        "Out-of-Distribution Detection (2025); CFOF: Angiulli, ACM TKDD 14(1), 2020"
+        "Out-of-Distribution Detection (2026); CFOF: Angiulli, ACM TKDD 14(1), 2020"
     )
 
     def __init__(self, rho: float = 0.01, reference_fraction: float = 0.1,
@@ -188,10 +189,10 @@ class CFOOD(Detector):
         self.random_state = random_state
 
     def _check_params(self) -> None:
-        _check_fraction(self, "rho", self.rho)
-        _check_fraction(self, "reference_fraction", self.reference_fraction)
+        check_fraction(self, "rho", self.rho)
+        check_fraction(self, "reference_fraction", self.reference_fraction)
         if self.max_reference is not None:
-            _check_int(self, "max_reference", self.max_reference)
+            check_int(self, "max_reference", self.max_reference)
 
     def _fit(self, train: Features) -> None:
         n_all = len(train)
@@ -209,28 +210,25 @@ class CFOOD(Detector):
         pos, grid = pos[distinct], grid[distinct]
         if len(pos) == 0:
             raise ValueError(f"CFOOD.fit: {n} reference points are too few for any neighbourhood size.")
-        ref32 = ref.astype(np.float32)
-        ref_sq = np.einsum("ij,ij->i", ref32, ref32, dtype=np.float64)
+        ref_sq = np.einsum("ij,ij->i", ref, ref)
         table = np.empty((n, len(pos)), dtype=np.float64)
-        for start in range(0, n, _QUERY_BLOCK):
-            block = slice(start, start + _QUERY_BLOCK)
-            d = _sq_dists(ref32[block], ref32, ref_sq)
-            d[np.arange(d.shape[0]), np.arange(start, start + d.shape[0])] = -1.0  # self first
+        for block in _blocks(n, n):
+            d = _sq_dists(ref[block], ref, ref_sq)
+            d[np.arange(d.shape[0]), np.arange(block.start, block.stop)] = -1.0  # self first
             table[block] = np.sort(d, axis=1)[:, pos + 1]
-        self.reference_ = ref32
+        self.reference_ = ref
         self.reference_sq_ = ref_sq
         self.grid_ = grid
         self.neighbour_distances_ = table
 
     def cfof(self, x: Features) -> np.ndarray:
         """CFOF values ``κ(x)`` in (0, 1]."""
-        _check_fraction(self, "rho", self.rho)
+        check_fraction(self, "rho", self.rho)
         table = self.neighbour_distances_
         n, k = table.shape
         need = max(1, math.ceil(float(self.rho) * n - 1e-9))
         out = np.empty(len(x))
-        for start in range(0, len(x), _QUERY_BLOCK):
-            rows = slice(start, start + _QUERY_BLOCK)
+        for rows in _blocks(len(x), n):
             q = l2_normalize(np.asarray(x.features[rows], dtype=np.float64), axis=1)
             d = _sq_dists(q, self.reference_, self.reference_sq_)
             # first grid index whose neighbour distance reaches d (k = never): binary search
