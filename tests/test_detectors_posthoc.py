@@ -269,6 +269,16 @@ def test_multilayer_takes_any_feature_space_detector(member):
     assert ood.metrics.auroc(det.score(p.test_id), det.score(p.test_ood)) >= 0.9
 
 
+def test_fisher_p_values_by_hand_and_free_of_units():
+    """Calibration scores 1, 2, 3 plus end points one range beyond (−1 and 5) at heights
+    1/5 … 5/5; scores in other units give the same p-values."""
+    from oodscope.detectors.multilayer import _ecdf_p
+
+    cal, s = np.array([1.0, 2.0, 3.0]), np.array([0.0, 1.0, 2.5, 3.0, 9.0])
+    np.testing.assert_allclose(_ecdf_p(cal, s), [0.3, 0.4, 0.7, 0.8, 1.0])
+    np.testing.assert_allclose(_ecdf_p(cal * 1e-30, s * 1e-30), _ecdf_p(cal, s))
+
+
 def test_multilayer_refuses_what_it_cannot_feed():
     p = image_problem()
     with pytest.raises(ValueError, match="feature-space detector"):

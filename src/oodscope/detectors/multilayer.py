@@ -67,10 +67,13 @@ def _layer_fields(self) -> set[str]:
 # ------------------------------------------------------------------ aggregation
 def _ecdf_p(stat_sorted: np.ndarray, s: np.ndarray) -> np.ndarray:
     """Left-tail p-values of ID scores ``s`` against sorted calibration scores (low score =
-    small p), interpolated as oodeel does and floored at ``1/(n + 2)``."""
+    small p), interpolated as oodeel does and floored at ``1/(n + 2)``. The two end points
+    added beyond the calibration range lie one range (or, for constant scores, one score
+    magnitude) away, so the p-values do not depend on the scores' units."""
     n = len(stat_sorted)
-    spread = max(float(stat_sorted[-1] - stat_sorted[0]), 1e-12 * max(abs(float(stat_sorted[0])), 1.0), 1e-300)
-    xs = np.concatenate([[stat_sorted[0] - spread], stat_sorted, [stat_sorted[-1] + spread]])
+    lo, hi = float(stat_sorted[0]), float(stat_sorted[-1])
+    spread = hi - lo if hi > lo else (max(abs(lo), abs(hi)) or 1.0)
+    xs = np.concatenate([[lo - spread], stat_sorted, [hi + spread]])
     ys = np.arange(1, n + 3) / (n + 2)
     return np.interp(s, xs, ys)
 
