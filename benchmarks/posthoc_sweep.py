@@ -1,7 +1,7 @@
 """Every registered post-hoc detector on the Fashion-MNIST benchmark, from one network pass
 per split (prints a table).
 
-The reference CNN (`oodscope.models.reference_model`, trained and cached on first use, as
+The reference CNN (`oodscope.train.reference_model`, trained and cached on first use, as
 ``oodscope bench fashion-mnist`` does) runs once over each split of the benchmark
 (`oodscope.bench.vision.fashion_mnist_splits`: train minus the held-out part, test ID,
 MNIST, Gaussian and uniform noise; KMNIST / notMNIST only where their files exist). That one
@@ -115,16 +115,18 @@ def main(argv=None) -> int:
 
     import torch
 
-    from oodscope.bench.vision import FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits, model_normalization
+    from oodscope.bench.extract import model_normalization
+    from oodscope.bench.spec import ProviderOptions
+    from oodscope.bench.vision import FMNIST_MEAN, FMNIST_STD, fashion_mnist_splits
     from oodscope.detectors import list_detectors
-    from oodscope.models import reference_model
+    from oodscope.train import reference_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     net, meta = reference_model("fashion-mnist", train_if_missing=True)
     mean, std = model_normalization(meta, FMNIST_MEAN, FMNIST_STD)
-    splits = fashion_mnist_splits(meta, subset=subset)
+    splits = fashion_mnist_splits(ProviderOptions(subset=subset, progress=False), meta)
     t0 = time.perf_counter()
     train = extract_split(net, splits["train"], mean, std, args.chunk)
     test_id = extract_split(net, splits["test_id"], mean, std, args.chunk)
