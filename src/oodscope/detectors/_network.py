@@ -114,9 +114,9 @@ def input_batches(inputs: np.ndarray, batch_size: int, model) -> Iterator[tuple[
 
 
 def forward_logits(model, x):
-    from ..extraction import _split_output
+    from .._outputs import logits_of
 
-    return _split_output(model(x))["logits"]
+    return logits_of(model(x))
 
 
 @contextlib.contextmanager

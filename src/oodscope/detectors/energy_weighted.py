@@ -33,8 +33,6 @@ class WeightedEnergy(Detector):
         "Du, Wang, Cai & Li, VOS: Learning What You Don't Know by Virtual Outlier Synthesis, "
         "ICLR 2022 (weighted energy score)"
     )
-    #: Weights for the synthetic test problem (5 classes); real use passes the VOS weights.
-    test_params = {"energy_weights": [1.0, 0.5, 2.0, 1.0, 1.5]}
 
     def __init__(self, energy_weights: Sequence[float] | None = None):
         self.energy_weights = energy_weights

@@ -111,9 +111,6 @@ class OpenMax(Detector):
     }
     score_params = frozenset({"alpha"})
     reference = "Bendale & Boult, Towards Open Set Deep Networks (OpenMax), CVPR 2016"
-    #: The synthetic test problem has ~120 training samples per class: a tail of 20 would be
-    #: a sixth of each class (flagging that much ID data as unknown); 10 keeps it a tail.
-    test_params = {"tail_size": 10}
 
     def __init__(self, tail_size: int = 20, alpha: int = 3, distance: str = "eucos",
                  eu_weight: float = 1.0 / 200.0, translate: float = 10000.0):
