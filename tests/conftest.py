@@ -189,6 +189,10 @@ def synthetic_detector_names() -> list[str]:
 #: constructor arguments that keep a detector fast on the synthetic problem (test-only knowledge)
 TEST_PARAMS: dict[str, dict] = {
     "ensemble": {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"},
+    # the class weights a VOS-trained network would learn (the tiny model has none)
+    "webo": {"energy_weights": [1.0, 0.5, 2.0, 1.0, 1.5]},
+    # ~120 training samples per class: a tail of 20 would be a sixth of each class
+    "openmax": {"tail_size": 10},
 }
 
 

@@ -98,10 +98,31 @@ def _lm_example():
     return det.fit(train), train, test
 
 
+#: Detectors that need feature maps (tests/image_problem.py): constructor arguments.
+IMAGE_EXAMPLES = {
+    "rankfeat": {},
+    "multilayer": {"layers": ["block1", "block2", "features"]},
+    "sem": {"layers": ["block1"]},
+}
+
+
+def _image_example(name):
+    from image_problem import image_problem
+
+    p = image_problem()
+    kw = dict(IMAGE_EXAMPLES[name])
+    if "model" in get_detector_class(name).all_requirements():
+        kw["model"] = p.model
+    det = ood.create(name, **kw)
+    train = p.train if det.fit_requirements() else None
+    det.fit(train)
+    return det, train, Features.concat([p.test_id[:40], p.test_ood[:40]])
+
+
 def has_example(name: str) -> bool:
     cls = get_detector_class(name)
     return (cls.all_requirements() <= SYNTHETIC_FIELDS or "image_embeds" in cls.requires
-            or name in ("abet", "lm_ratio") or name in TUNED_VLM)
+            or name in ("abet", "lm_ratio") or name in TUNED_VLM or name in IMAGE_EXAMPLES)
 
 
 def fitted_example(name: str):
@@ -115,6 +136,8 @@ def fitted_example(name: str):
         return _abet_example()
     if name == "lm_ratio":
         return _lm_example()
+    if name in IMAGE_EXAMPLES:
+        return _image_example(name)
     p = _problem()
     det = make_detector(name, p)
     train = p.train if cls.fit_fields is not None else None

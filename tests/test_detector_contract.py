@@ -198,6 +198,13 @@ UNIT_FIELDS = ("features", "image_embeds", "local_embeds", "inputs")
 NOT_SCALE_INVARIANT = {
     "odin": "runs the network on the rescaled inputs (a network is not scale-invariant)",
     "iodin": "runs the network on the rescaled inputs (a network is not scale-invariant)",
+    "rankfeat": "runs the network on the rescaled inputs (a network is not scale-invariant)",
+    "rankweight": "runs the network on the rescaled inputs (a network is not scale-invariant)",
+    "adascale_a": "runs the network on the rescaled inputs, perturbed by a fixed step in input units",
+    "adascale_l": "runs the network on the rescaled inputs, perturbed by a fixed step in input units",
+    "mdsens": "runs the network on the rescaled inputs, perturbed by epsilon in input units",
+    "nci": "projection term scales as 1/s, the alpha * L1-norm term as s (alpha is in feature units)",
+    "grood": "softmax over negative feature distances has a fixed unit temperature (feature units)",
 }
 
 #: How a stateful detector's batch relates to its rows (checked by `_check_stream`).

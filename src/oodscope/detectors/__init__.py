@@ -25,7 +25,9 @@ __all__ = [
 ]
 
 FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm",
-            "vlm_tuned", "vlm_foundation")
+            "vlm_tuned", "vlm_foundation",
+            "rank", "neuron", "adascale", "prototype", "mdsens", "energy_weighted", "openmax", "bayes",
+            "multilayer")
 _loaded = False
 
 

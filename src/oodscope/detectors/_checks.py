@@ -3,9 +3,36 @@ the guard against scores that silently stopped depending on the input."""
 
 from __future__ import annotations
 
+import numbers
+from typing import Any
+
 import numpy as np
 
-__all__ = ["refuse_unresolved_scores"]
+__all__ = ["check_fraction", "check_int", "check_real", "refuse_unresolved_scores"]
+
+
+def check_int(owner: object, name: str, value: Any, low: int = 1) -> None:
+    """``value`` must be an integer (not a bool) ``>= low``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
+        raise ValueError(f"{type(owner).__name__}: {name} must be an integer >= {low}, got {value!r}.")
+
+
+def check_real(owner: object, name: str, value: Any, low: float = 0.0, strict: bool = False) -> None:
+    """``value`` must be a finite real number ``>= low`` (``> low`` with ``strict``)."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and np.isfinite(value)
+          and (value > low if strict else value >= low))
+    if not ok:
+        bound = f"> {low}" if strict else f">= {low}"
+        raise ValueError(f"{type(owner).__name__}: {name} must be a finite number {bound}, got {value!r}.")
+
+
+def check_fraction(owner: object, name: str, value: Any, allow_one: bool = True) -> None:
+    """``value`` must be a number in ``(0, 1]`` (``(0, 1)`` without ``allow_one``)."""
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and 0.0 < value
+          and (value <= 1.0 if allow_one else value < 1.0))
+    if not ok:
+        bound = "(0, 1]" if allow_one else "(0, 1)"
+        raise ValueError(f"{type(owner).__name__}: {name} must be a fraction in {bound}, got {value!r}.")
 
 #: Inputs whose largest magnitude lies outside this range are "extreme units": float32
 #: networks and softmaxes saturate or underflow there.

@@ -52,7 +52,8 @@ def _member_label(spec: Any) -> str:
     return str(spec)
 
 
-def _build_member(spec: Any) -> Detector:
+def _build_member(spec: Any, who: str = "Ensemble member") -> Detector:
+    """A fresh detector from a name, a ``(name, params)`` pair or a Detector (cloned)."""
     if isinstance(spec, Detector):
         return spec.clone()
     if isinstance(spec, str):
@@ -60,7 +61,7 @@ def _build_member(spec: Any) -> Detector:
     if isinstance(spec, (tuple, list)) and len(spec) == 2 and isinstance(spec[0], str) and isinstance(spec[1], dict):
         return create(spec[0], **spec[1])
     raise ValueError(
-        f"Ensemble member {spec!r} is not understood: give a detector name, a (name, params) "
+        f"{who} {spec!r} is not understood: give a detector name, a (name, params) "
         "pair such as ('knn', {'k': 50}), or a Detector instance."
     )
 

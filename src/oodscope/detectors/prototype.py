@@ -1,0 +1,249 @@
+"""Detectors on penultimate features that compare a sample with stored ID references:
+GROOD (nearest neighbours in the space of gradients w.r.t. an OOD prototype) and CF-OOD
+(the Concentration-Free Outlier Factor, a reverse-nearest-neighbour score).
+
+Both keep arrays only (prototypes, reference features, neighbour-distance tables), so they
+persist as plain arrays; distances are squared Euclidean from float64 GEMMs in row blocks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .._numeric import l2_normalize, log_softmax
+from ..features import Features
+from ._checks import check_fraction, check_int
+from .base import Detector, register
+
+__all__ = ["GROOD", "CFOOD", "cfof_grid"]
+
+#: Query rows per block when no (rows x references) array is built.
+_QUERY_BLOCK = 1024
+#: Elements of a (rows x references) float64 block (64 MiB).
+_BLOCK_ELEMENTS = 1 << 23
+
+
+def _blocks(n: int, n_ref: int):
+    """Row slices of ``n`` queries such that a (rows, n_ref) float64 array stays ~64 MiB."""
+    step = max(1, min(_QUERY_BLOCK, _BLOCK_ELEMENTS // max(n_ref, 1)))
+    for start in range(0, n, step):
+        yield slice(start, min(start + step, n))
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) squared Euclidean distances in float64, clipped at 0 (round-off).
+
+    float64 on purpose: these distances are compared with stored thresholds (CF-OOD) or are
+    tiny (GROOD's gradients of ID samples), where float32 round-off of the GEMM changed
+    scores between a batch and its rows."""
+    a = np.asarray(a, dtype=np.float64)
+    d = np.einsum("ij,ij->i", a, a)[:, None] - 2.0 * (a @ b.T) + b_sq[None, :]
+    return np.maximum(d, 0.0)
+
+
+def _kth_smallest(d: np.ndarray, k: int) -> np.ndarray:
+    k = min(k, d.shape[1])
+    return np.partition(d, k - 1, axis=1)[:, k - 1]
+
+
+def _class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    classes = np.unique(labels)
+    means = np.stack([np.mean(features[labels == c], axis=0, dtype=np.float64) for c in classes])
+    return classes, means
+
+
+@register("grood")
+class GROOD(Detector):
+    """GROOD: gradient-aware OOD detection (ElAraby et al., TMLR 2025).
+
+    Class prototypes ``μ_c`` are the class means of the ID training features; an OOD
+    prototype ``μ_o`` is built from synthetic outliers. With the nearest-class-prototype
+    logits ``s_j(h) = −‖h − μ_j‖`` over the classes and ``μ_o``, the gradient of the
+    cross-entropy (target: the network's predicted class) w.r.t. ``μ_o`` is, in closed form,
+    ``g(h) = q_o(h) · (h − μ_o) / ‖h − μ_o‖`` with ``q = softmax(s)``. ``fit`` stores ``g`` of
+    the correctly classified training samples; the score is minus the distance from ``g(x)``
+    to its ``k``-th nearest stored gradient (``k = 1`` as in the authors' code).
+
+    OOD prototype (``ood_prototype``): ``"mixup"`` (default) averages synthetic outliers made
+    by mixing each training feature with the prototype of its second most likely class,
+    ``λ h + (1 − λ) μ_{c2}`` with ``λ = mix`` (0.5 in the authors' synthetic procedure). The
+    authors mix at an intermediate layer and run the rest of the network; here the mix is at
+    the penultimate layer, so cached features suffice. ``"mean"`` uses the mean of the class
+    prototypes (their ``use_proto_mean`` option). Their validation-OOD prototype is not offered:
+    ``fit`` sees ID data only.
+    """
+
+    requires = frozenset({"features", "logits"})
+    fit_fields = frozenset({"features", "logits", "labels"})
+    search_space: ClassVar[dict[str, list[Any]]] = {"k": [1, 10, 20, 50, 100], "ood_prototype": ["mixup", "mean"]}
+    score_params = frozenset({"k"})
+    reference = (
+        "ElAraby et al., GROOD: Gradient-Aware Out-of-Distribution Detection, TMLR 2025 "
+        "(arXiv:2312.14427)"
+    )
+
+    def __init__(self, k: int = 1, ood_prototype: str = "mixup", mix: float = 0.5):
+        self.k = k
+        self.ood_prototype = ood_prototype
+        self.mix = mix
+
+    def _check_params(self) -> None:
+        check_int(self, "k", self.k)
+        if self.ood_prototype not in ("mixup", "mean"):
+            raise ValueError(f"GROOD: ood_prototype must be 'mixup' or 'mean', got {self.ood_prototype!r}.")
+        check_fraction(self, "mix", self.mix, allow_one=False)
+
+    def gradients(self, features: np.ndarray) -> np.ndarray:
+        """(N, D) gradients of the prototype loss w.r.t. the OOD prototype, float64."""
+        protos = np.vstack([self.prototypes_, self.ood_prototype_[None, :]])
+        out = np.empty(features.shape, dtype=np.float64)
+        for start in range(0, len(features), _QUERY_BLOCK):
+            rows = slice(start, start + _QUERY_BLOCK)
+            h = np.asarray(features[rows], dtype=np.float64)
+            diff = h[:, None, :] - protos[None, :, :]
+            dist = np.sqrt(np.einsum("ijk,ijk->ij", diff, diff))
+            q_ood = np.exp(log_softmax(-dist, axis=1)[:, -1])
+            to_ood, norm = diff[:, -1, :], dist[:, -1:]
+            unit = np.divide(to_ood, norm, out=np.zeros_like(to_ood), where=norm > 0)
+            out[rows] = q_ood[:, None] * unit
+        return out
+
+    def _fit(self, train: Features) -> None:
+        h = np.asarray(train.features, dtype=np.float64)
+        classes, means = _class_means(h, train.labels)
+        self.classes_ = classes
+        self.prototypes_ = means
+        logits = np.asarray(train.logits, dtype=np.float64)
+        if self.ood_prototype == "mean":
+            self.ood_prototype_ = means.mean(axis=0)
+        else:
+            # second most likely class among the classes that have a prototype
+            known = np.full(logits.shape[1], -np.inf)
+            known[classes[classes < logits.shape[1]]] = 0.0
+            masked = logits + known
+            second = np.argsort(masked, axis=1)[:, -2] if len(classes) > 1 else np.argmax(masked, axis=1)
+            index = np.searchsorted(classes, second)
+            mixed = float(self.mix) * h + (1.0 - float(self.mix)) * means[index]
+            self.ood_prototype_ = mixed.mean(axis=0)
+        correct = np.argmax(logits, axis=1) == train.labels
+        if not correct.any():
+            raise ValueError(
+                "GROOD.fit: no training sample is classified correctly by the network, so there "
+                "are no reference gradients; check that labels and logits belong together."
+            )
+        grads = self.gradients(h[correct])
+        self.train_gradients_ = grads
+        self.train_gradients_sq_ = np.einsum("ij,ij->i", grads, grads)
+
+    def _score(self, x: Features) -> np.ndarray:
+        check_int(self, "k", self.k)
+        out = np.empty(len(x))
+        for rows in _blocks(len(x), len(self.train_gradients_)):
+            g = self.gradients(x.features[rows])
+            d = _sq_dists(g, self.train_gradients_, self.train_gradients_sq_)
+            out[rows] = -np.sqrt(_kth_smallest(d, int(self.k)))
+        return out
+
+
+def cfof_grid() -> np.ndarray:
+    """Neighbourhood sizes (fractions of the reference set) at which CF-OOD evaluates the
+    reverse-neighbour count: fine steps below 10%, coarser up to 99% (the OpenOOD grid)."""
+    return np.concatenate([np.linspace(0.001, 0.1, 100), np.linspace(0.105, 0.5, 81),
+                           np.linspace(0.51, 0.99, 49)])
+
+
+@register("cfood", "cf_ood", "cfof")
+class CFOOD(Detector):
+    """CF-OOD: the Concentration-Free Outlier Factor on L2-normalised features
+    (Angiulli, Fassetti & Zupi; CFOF: Angiulli, TKDD 2020).
+
+    ``CFOF(x)`` is the smallest neighbourhood size ``κ`` (a fraction of the reference set)
+    such that ``x`` is among the ``κ·n`` nearest neighbours of at least ``ϱ·n`` reference points
+    — a reverse-nearest-neighbour measure that does not suffer from distance concentration in
+    high dimension. ``fit`` takes a random ``reference_fraction`` of the training features
+    (L2-normalised) and stores, for every reference point, its distance to its ``κ·n``-th
+    nearest other reference point for ``κ`` on the `cfof_grid`. ``x`` counts as one of point
+    ``y``'s ``κ·n`` neighbours when ``‖x − y‖`` is at most that distance. Score ``−κ(x)``
+    (``−1`` when no grid size reaches ``ϱ``).
+    """
+
+    requires = frozenset({"features"})
+    fit_fields = frozenset({"features"})
+    search_space: ClassVar[dict[str, list[Any]]] = {"reference_fraction": [0.1, 0.5, 1.0],
+                                                    "rho": [0.001, 0.005, 0.01, 0.05]}
+    score_params = frozenset({"rho"})
+    min_fit_samples = 3
+    reference = (
+        "Angiulli, Fassetti & Zupi, CF-OOD: Concentration-Free Density Estimation for Reliable "
+        "Out-of-Distribution Detection (2026); CFOF: Angiulli, ACM TKDD 14(1), 2020"
+    )
+
+    def __init__(self, rho: float = 0.01, reference_fraction: float = 0.1,
+                 max_reference: int | None = 20000, random_state: int = 0):
+        self.rho = rho
+        self.reference_fraction = reference_fraction
+        self.max_reference = max_reference
+        self.random_state = random_state
+
+    def _check_params(self) -> None:
+        check_fraction(self, "rho", self.rho)
+        check_fraction(self, "reference_fraction", self.reference_fraction)
+        if self.max_reference is not None:
+            check_int(self, "max_reference", self.max_reference)
+
+    def _fit(self, train: Features) -> None:
+        n_all = len(train)
+        n = max(2, int(float(self.reference_fraction) * n_all))
+        if self.max_reference is not None:
+            n = min(n, int(self.max_reference))
+        n = min(n, n_all)
+        rows = np.sort(np.random.default_rng(self.random_state).permutation(n_all)[:n])
+        ref = l2_normalize(np.asarray(train.features[rows], dtype=np.float64), axis=1)
+        grid = cfof_grid()
+        pos = (grid * n - 1).astype(int)  # 0 = nearest other point
+        keep = (pos >= 0) & (pos + 1 <= n - 1)
+        pos, grid = pos[keep], grid[keep]
+        distinct = np.concatenate([[True], pos[1:] > pos[:-1]])
+        pos, grid = pos[distinct], grid[distinct]
+        if len(pos) == 0:
+            raise ValueError(f"CFOOD.fit: {n} reference points are too few for any neighbourhood size.")
+        ref_sq = np.einsum("ij,ij->i", ref, ref)
+        table = np.empty((n, len(pos)), dtype=np.float64)
+        for block in _blocks(n, n):
+            d = _sq_dists(ref[block], ref, ref_sq)
+            d[np.arange(d.shape[0]), np.arange(block.start, block.stop)] = -1.0  # self first
+            table[block] = np.sort(d, axis=1)[:, pos + 1]
+        self.reference_ = ref
+        self.reference_sq_ = ref_sq
+        self.grid_ = grid
+        self.neighbour_distances_ = table
+
+    def cfof(self, x: Features) -> np.ndarray:
+        """CFOF values ``κ(x)`` in (0, 1]."""
+        check_fraction(self, "rho", self.rho)
+        table = self.neighbour_distances_
+        n, k = table.shape
+        need = max(1, math.ceil(float(self.rho) * n - 1e-9))
+        out = np.empty(len(x))
+        for rows in _blocks(len(x), n):
+            q = l2_normalize(np.asarray(x.features[rows], dtype=np.float64), axis=1)
+            d = _sq_dists(q, self.reference_, self.reference_sq_)
+            # first grid index whose neighbour distance reaches d (k = never): binary search
+            lo = np.zeros(d.shape, dtype=np.int32)
+            hi = np.full(d.shape, k, dtype=np.int32)
+            cols = np.broadcast_to(np.arange(n), d.shape)
+            while np.any(lo < hi):
+                mid = (lo + hi) // 2
+                below = table[cols, np.minimum(mid, k - 1)] < d
+                below &= mid < hi
+                lo = np.where(below, mid + 1, lo)
+                hi = np.where(below, hi, mid)
+            first = np.partition(lo, need - 1, axis=1)[:, need - 1]
+            out[rows] = np.where(first < k, self.grid_[np.minimum(first, k - 1)], 1.0)
+        return out
+
+    def _score(self, x: Features) -> np.ndarray:
+        return -self.cfof(x)
