@@ -294,6 +294,11 @@ class Detector:
         entry that will be scored on this fitted state, so a detector can compute them in
         one pass. Default: nothing to plan."""
 
+    def fit_summary(self) -> dict[str, Any]:
+        """What the fit chose beyond the hyperparameters, for reports (e.g. the search index
+        of a neighbour detector and its measured recall@k). Default: nothing."""
+        return {}
+
     def reset(self) -> "Detector":
         """Forget test-time state (the memory of a ``stateful`` detector). Default: no-op."""
         return self
