@@ -431,8 +431,10 @@ def knn_table(section: dict[str, dict], ptood: dict, is_id: np.ndarray) -> list[
                    auroc=auroc(r["scores"][is_id], r["scores"][~is_id]))
         if "fit" in ptood and "score" in ptood:
             row["vs_ptood"] = (ptood["fit"] + ptood["score"]) / max(total, 1e-9)
+            row["cpu_vs_ptood"] = ptood["cpu"] / max(r["cpu"], 1e-9)
         brute = section["torch brute force"]
         row["vs_torch"] = (brute["fit"] + brute["score"]) / max(total, 1e-9)
+        row["cpu_vs_torch"] = brute["cpu"] / max(r["cpu"], 1e-9)
         if "scores" in exact:
             row["spearman_exact"] = float(spearmanr(r["scores"], exact["scores"]).statistic)
             row["d_auroc"] = row["auroc"] - auroc(exact["scores"][is_id], exact["scores"][~is_id])
@@ -446,7 +448,7 @@ def knn_table(section: dict[str, dict], ptood: dict, is_id: np.ndarray) -> list[
 
 def print_knn_table(rows: list[dict]) -> None:
     head = (f"{'KNN k=50 search':<18} {'fit':>7} {'score':>7} {'total':>7} {'vs ptood':>8} "
-            f"{'vs torch':>8} {'recall probe':>12} {'recall ID':>9} {'recall OOD':>10} "
+            f"{'vs torch':>8} {'cpu ptood/torch':>15} {'recall probe':>12} {'recall ID':>9} {'recall OOD':>10} "
             f"{'spearman':>9} {'dAUROC':>8} {'max up':>8}  chosen")
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
@@ -458,11 +460,12 @@ def print_knn_table(rows: list[dict]) -> None:
         chosen = ", ".join(f"{k}={v}" for k, v in summary.items() if not k.startswith("recall@"))
         print(f"{r['search']:<18} {r['fit']:>7.3f} {r['score']:>7.3f} {r['total']:>7.3f} "
               f"{_fmt(r.get('vs_ptood'), '.2f'):>8} {_fmt(r.get('vs_torch'), '.2f'):>8} "
+              f"{_fmt(r.get('cpu_vs_ptood'), '.2f') + '/' + _fmt(r.get('cpu_vs_torch'), '.2f'):>15} "
               f"{_fmt(probe, '.4f'):>12} {_fmt(r.get('recall_id'), '.4f'):>9} "
               f"{_fmt(r.get('recall_ood'), '.4f'):>10} {_fmt(r.get('spearman_exact'), '.5f'):>9} "
               f"{_fmt(r.get('d_auroc'), '+.4f'):>8} {_fmt(r.get('max_above_exact'), '.1e'):>8}  {chosen}")
     print("\nvs ptood / vs torch = pytorch-ood KNN / torch brute force (fit+score wall time) over "
-          "this row's. recall probe = recall@50 measured at fit time on held-out bank rows (what "
+          "this row's; cpu ptood/torch = the same with process CPU time. recall probe = recall@50 measured at fit time on held-out bank rows (what "
           "index='auto'/'ivf'/'hnsw' calibrate to >= 0.99). recall ID / OOD, spearman, dAUROC "
           "= against oodscope's exact search on the ID and OOD test queries. max up = largest "
           "(approximate - exact) score: an approximate search returns neighbours no closer than "

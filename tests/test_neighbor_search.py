@@ -4,8 +4,6 @@ target, recorded, persisted, and re-measured for a larger k."""
 
 from __future__ import annotations
 
-import mmap
-
 import numpy as np
 import pytest
 
@@ -187,12 +185,28 @@ def test_stream_topk_equals_in_memory_search(tmp_path):
     np.testing.assert_array_equal(ids, kept[ref_ids])
 
 
-def test_release_rows_keeps_a_memmap_readable(tmp_path):
-    data = np.arange(4 * mmap.PAGESIZE, dtype=np.float32).reshape(-1, 64)
+def _rss_file_kb() -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssFile:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def test_release_rows_drops_pages_and_keeps_the_data(tmp_path):
+    data = np.arange(4 * 1024 * 1024, dtype=np.float32).reshape(-1, 256)  # 16 MiB
     np.save(tmp_path / "a.npy", data)
-    mm = np.load(tmp_path / "a.npy", mmap_mode="r")
-    first = np.array(mm[:100])
+    # as Features.load(mmap=True) holds it: a plain ndarray view of the memmap
+    mm = Features(features=np.load(tmp_path / "a.npy", mmap_mode="r")).features
+    assert float(np.asarray(mm).sum(dtype=np.float64)) == float(data.sum(dtype=np.float64))
+    before = _rss_file_kb()
     _neighbors.release_rows(mm, slice(0, len(mm)))
-    np.testing.assert_array_equal(mm[:100], first)
+    after = _rss_file_kb()
+    if before is not None:
+        assert before - after >= 8 * 1024  # the 16 MiB left the resident set
+    np.testing.assert_array_equal(mm[:100], data[:100])
     np.testing.assert_array_equal(np.asarray(mm), data)
     _neighbors.release_rows(data, slice(0, 10))  # not a memmap: nothing happens

@@ -132,12 +132,26 @@ def probe_recall(
     return hits / (k * len(queries))
 
 
+def _mapping_of(array: Any) -> mmap.mmap | None:
+    """The mmap behind an array (a np.memmap, or a view of one), else None."""
+    for _ in range(8):
+        if isinstance(array, mmap.mmap):
+            return array
+        mm = getattr(array, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            return mm
+        array = getattr(array, "base", None)
+        if array is None:
+            return None
+    return None
+
+
 def release_rows(array: Any, sl: slice) -> None:
     """Tell the kernel this process no longer needs rows ``sl`` of a read-only
     memory-mapped array (``MADV_DONTNEED``): the pages leave the process's resident set
     but stay in the page cache, so a later read is cheap. A no-op for anything else."""
-    mm = getattr(array, "_mmap", None)
-    if (not isinstance(mm, mmap.mmap) or array.flags.writeable or not array.flags.c_contiguous
+    mm = _mapping_of(array)
+    if (mm is None or array.flags.writeable or not array.flags.c_contiguous
             or not hasattr(mmap, "MADV_DONTNEED")):
         return
     try:

@@ -148,6 +148,7 @@ def _normalized32(features: np.ndarray, chunk_size: int | None = None) -> np.nda
     out = np.empty(features.shape, dtype=np.float32)
     for sl in iter_chunks(len(features), chunk_size):
         out[sl] = _unit32(features[sl])
+        release_rows(features, sl)
     return out
 
 
@@ -325,7 +326,9 @@ def _import_faiss():
 _INDEX_CHOICES = ("auto", "exact", "flat", "ivf", "ivfpq", "hnsw")
 #: What an index object can be.
 _INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
-_STORAGES = ("float32", "float16")
+#: How ivf / hnsw store the bank vectors: 4, 2 or 1 byte per value (faiss scalar quantiser;
+#: int8 uses a per-dimension range learnt from the bank). Recall is measured all the same.
+_STORAGES = ("float32", "float16", "int8")
 #: ``index="auto"``: exact search for banks up to this many rows; above, an IVF index whose
 #: ``nprobe`` is calibrated to the recall target (kept only if it searches faster than exact).
 AUTO_APPROXIMATE_ABOVE = 200_000
@@ -371,8 +374,9 @@ class _InnerProductIndex:
     full copy; only the numpy backend materialises the bank. ``kind="flat"`` is exact;
     ``"ivf"`` (``nlist`` cells, ``nprobe`` visited per query), ``"ivfpq"`` (plus ``pq_m``
     sub-quantisers) and ``"hnsw"`` (``hnsw_m`` links per node, ``ef_search`` candidates
-    per query) are faiss approximate indexes; ``storage="float16"`` keeps the vectors of
-    ivf/hnsw in half precision (half the memory, inner products within ~1e-4).
+    per query) are faiss approximate indexes; ``storage="float16"`` / ``"int8"`` keeps the
+    vectors of ivf/hnsw in 2 / 1 bytes per value (faiss scalar quantiser: a half / a quarter
+    of the memory, inner products within ~1e-4 / ~1e-2 of float32).
 
     ``recall`` (a dict: ``k``, ``target``, ``probe_size``, ``seed``; approximate kinds
     only) measures recall@k on a held-out probe of the bank while the index is built and
@@ -399,6 +403,7 @@ class _InnerProductIndex:
     ):
         self.kind = kind
         self.size = int(n)
+        self.storage = storage
         self.calibration: dict[str, Any] | None = None
         self.order: np.ndarray | None = None  # insertion position -> bank row (None: same)
         faiss = _faiss_or_none(backend, kind)
@@ -452,14 +457,20 @@ class _InnerProductIndex:
             faiss.omp_set_num_threads(threads)
 
     def _new_faiss_index(self, faiss, rows, n, d, nlist, nprobe, pq_m, seed, storage, hnsw_m):
-        qtype = faiss.ScalarQuantizer.QT_fp16 if storage == "float16" else None
+        qtype = {"float16": faiss.ScalarQuantizer.QT_fp16,
+                 "int8": faiss.ScalarQuantizer.QT_8bit}.get(storage)
         ip = faiss.METRIC_INNER_PRODUCT
+        rng = np.random.default_rng(seed)
         if self.kind == "flat":
             return faiss.IndexFlatIP(d)
         if self.kind == "hnsw":
             index = (faiss.IndexHNSWSQ(d, qtype, int(hnsw_m), ip) if qtype is not None
                      else faiss.IndexHNSWFlat(d, int(hnsw_m), ip))
             index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+            if not index.is_trained:  # the int8 ranges
+                n_train = min(n, 65_536)
+                ids = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+                index.train(np.ascontiguousarray(rows(ids)))
             return index
         nlist = _default_nlist(n) if nlist is None else int(nlist)
         if nlist > n:
@@ -481,7 +492,6 @@ class _InnerProductIndex:
         # 64 training points per cell (faiss asks for 39 to 256) and 10 k-means rounds:
         # fitting the cells of a 1.28M-row bank must not cost more than filling them
         n_train = min(n, max(64 * nlist, 10_000))
-        rng = np.random.default_rng(seed)
         sample_ids = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
         index.cp.seed = int(seed)
         index.cp.niter = 10
@@ -590,17 +600,17 @@ class _InnerProductIndex:
         """Re-measure (and re-calibrate) for ``k`` larger than the calibrated one, with the
         stored rows as the exact reference and the probe rows filtered out of the results
         (for HNSW the probe rows now sit in the graph, which flatters the estimate
-        slightly). IVF-PQ stores no exact rows: it warns instead."""
+        slightly). IVF-PQ and int8 storage keep no exact rows: they warn instead."""
         cal = self.calibration
         if cal is None or k <= cal["k"]:
             return
-        if self.kind == "ivfpq":
+        if self.kind == "ivfpq" or self.storage == "int8":
             import warnings
 
             warnings.warn(
-                f"ivfpq recall was measured for k={cal['k']}, not k={k} (the index keeps no "
-                "exact vectors to re-measure it); refit with this k to calibrate it.",
-                RuntimeWarning, stacklevel=3,
+                f"{self.kind} ({self.storage}) recall was measured for k={cal['k']}, not k={k} "
+                "(the index keeps no exact vectors to re-measure it); refit with this k to "
+                "calibrate it.", RuntimeWarning, stacklevel=3,
             )
             cal["k"] = int(k)  # warn once per k
             return
@@ -613,7 +623,7 @@ class _InnerProductIndex:
         rebuilt on load; an approximate faiss index keeps its trained cells / graph through
         faiss's own binary format, held as a uint8 array (no pickle), so loading gives the
         very same index and scores."""
-        state: dict[str, Any] = {"kind": self.kind, "size": self.size}
+        state: dict[str, Any] = {"kind": self.kind, "size": self.size, "storage": self.storage}
         if self.calibration is not None:
             state["calibration"] = dict(self.calibration)
         if self.order is not None:
@@ -631,6 +641,7 @@ class _InnerProductIndex:
     def from_state(cls, state: dict[str, Any]) -> "_InnerProductIndex":
         self = cls.__new__(cls)
         self.kind, self.size = str(state["kind"]), int(state["size"])
+        self.storage = str(state.get("storage", "float32"))
         self.bank, self.index = None, None
         if self.kind not in _INDEX_KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}")
