@@ -45,6 +45,9 @@ def test_scoring_on_workers_equals_local(cluster, name):
     remote = distributed.score(det, x, num_workers=2, batch_size=37)
     assert remote.dtype == np.float64 and remote.shape == local.shape
     np.testing.assert_allclose(remote, local, rtol=1e-6, atol=1e-6)
+    ds = distributed.to_dataset(x, block_rows=64)  # the same rows as a Ray Dataset
+    assert ds.count() == len(x) and distributed.ROW in ds.columns()
+    assert set(ds.columns()) == {distributed.ROW, *distributed._per_sample_columns(x)}
 
 
 def test_guard_decisions_on_workers_and_cli(cluster, tmp_path):

@@ -10,8 +10,9 @@
   worker with `oodscope.load`, the same format a service loads; the Features travel as
   Arrow blocks of rows.
 
-Both give the same arrays as the local path: rows are processed one batch at a time by the
-same code, so only the batch boundaries differ (bitwise equal for per-sample detectors).
+Both give the same arrays as the local path: the same code runs on each batch of rows, so
+only the batch boundaries differ (results equal up to float round-off of the batched
+matrix products; the tests check 1e-6).
 
 Without an address a local Ray instance is started (``num_cpus`` = ``num_workers``) and
 shut down afterwards. On a real cluster: ``ray start --head`` on one machine,
