@@ -286,15 +286,30 @@ def _slug(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- oodscope side
+def features_of(a: dict[str, np.ndarray]):
+    import oodscope as ood
+
+    train = ood.Features(logits=a["train_logits"], features=a["train_features"], labels=a["train_labels"],
+                         head_weight=a["head_weight"], head_bias=a["head_bias"])
+    test = ood.Features(logits=a["test_logits"], features=a["test_features"],
+                        head_weight=a["head_weight"], head_bias=a["head_bias"])
+    return train, test
+
+
+def warm_up(det_name: str, params: dict, train, test) -> None:
+    """An untimed fit and score on a slice (first-call costs: imports, thread pools)."""
+    import oodscope as ood
+
+    det = ood.create(det_name, **params)
+    det.fit(train[:WARMUP_TRAIN] if det.fit_requirements() else None).score(test[:WARMUP_TEST])
+
+
 def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
     import oodscope as ood
     from oodscope.detectors import list_detectors
 
     available = set(list_detectors())
-    train = ood.Features(logits=a["train_logits"], features=a["train_features"], labels=a["train_labels"],
-                         head_weight=a["head_weight"], head_bias=a["head_bias"])
-    test = ood.Features(logits=a["test_logits"], features=a["test_features"],
-                        head_weight=a["head_weight"], head_bias=a["head_bias"])
+    train, test = features_of(a)
     results = {}
     for name in names:
         det_name, params, _ = COMPARED[name]
@@ -302,8 +317,7 @@ def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
             results[name] = {"error": f"'{det_name}' is not registered"}
             continue
         try:
-            det = ood.create(det_name, **params)  # untimed warm-up on a slice (first-call costs)
-            det.fit(train[:WARMUP_TRAIN] if det.fit_requirements() else None).score(test[:WARMUP_TEST])
+            warm_up(det_name, params, train, test)
 
             def once():
                 det = ood.create(det_name, **params)
@@ -312,10 +326,10 @@ def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
                 t1 = time.perf_counter()
                 s = det.score(test)
                 t2, c2 = time.perf_counter(), time.process_time()
-                return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, s
+                return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, (s, det)
 
-            timing, s = best_of(once)
-            results[name] = {**timing, "scores": s}
+            timing, (s, det) = best_of(once)
+            results[name] = {**timing, "scores": s, "detector": det}
         except Exception as exc:
             results[name] = {"error": f"{type(exc).__name__}: {exc}"}
         print(f"[oodscope] {name}: " + (f"fit {results[name]['fit']:.3f}s score {results[name]['score']:.3f}s"
@@ -323,7 +337,147 @@ def run_oodscope(a: dict[str, np.ndarray], names: list[str]) -> dict[str, dict]:
     return results
 
 
+# ----------------------------------------------------------------------------- KNN: search
+KNN_NAME = "KNN(k=50)"
+KNN_K = 50
+# oodscope KNN with each search index; the first row of the KNN table is the default
+# (index="auto": exact search at this bank size)
+KNN_VARIANTS = {
+    "exact (auto)": {},
+    "ivf": {"index": "ivf"},
+    "ivf fp16": {"index": "ivf", "storage": "float16"},
+    "hnsw": {"index": "hnsw"},
+}
+
+
+def torch_knn_reference(a: dict[str, np.ndarray], k: int = KNN_K, block: int = 4096):
+    """The plain torch brute force: L2-normalise, float32 matmul per query block, topk;
+    score = minus the distance to the k-th neighbour. Returns (timing, scores)."""
+    import torch
+
+    def once():
+        t0, c0 = time.perf_counter(), time.process_time()
+        bank = torch.nn.functional.normalize(torch.from_numpy(a["train_features"]), dim=1)
+        t1 = time.perf_counter()
+        q = torch.nn.functional.normalize(torch.from_numpy(a["test_features"]), dim=1)
+        kth = torch.cat([torch.topk(q[i:i + block] @ bank.T, k, dim=1).values[:, -1]
+                         for i in range(0, len(q), block)])
+        s = -torch.sqrt(torch.clamp(2 - 2 * kth.double(), min=0)).numpy()
+        t2, c2 = time.perf_counter(), time.process_time()
+        return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, s
+
+    with torch.no_grad():
+        return best_of(once)
+
+
+def run_knn_section(a: dict[str, np.ndarray], names: list[str], default: dict | None = None
+                    ) -> dict[str, dict]:
+    """oodscope KNN (k=50) with every search index, the torch brute force, and how far each
+    index is from exact search: recall@k on the test queries, score Spearman, AUROC."""
+    import oodscope as ood
+
+    train, test = features_of(a)
+    out: dict[str, dict] = {}
+    timing, s = torch_knn_reference(a)
+    out["torch brute force"] = {**timing, "scores": s}
+    print(f"[torch] brute force: fit {timing['fit']:.3f}s score {timing['score']:.3f}s", flush=True)
+    queries = np.ascontiguousarray(test.features / np.linalg.norm(test.features, axis=1, keepdims=True),
+                                   dtype=np.float32)
+    for label in names:
+        params = {"k": KNN_K, **KNN_VARIANTS[label]}
+        if not KNN_VARIANTS[label] and default and "detector" in default:  # the main table's run
+            det = default["detector"]
+            out[label] = {**{k: default[k] for k in ("fit", "score", "cpu", "scores")},
+                          "ids": det.index_.search(queries, KNN_K)[1], "summary": det.fit_summary()}
+            continue
+        try:
+            warm_up("knn", params, train, test)
+
+            def once():
+                det = ood.create("knn", **params)
+                t0, c0 = time.perf_counter(), time.process_time()
+                det.fit(train)
+                t1 = time.perf_counter()
+                s = det.score(test)
+                t2, c2 = time.perf_counter(), time.process_time()
+                return {"fit": t1 - t0, "score": t2 - t1, "cpu": c2 - c0}, (s, det)
+
+            timing, (s, det) = best_of(once)
+            ids = det.index_.search(queries, KNN_K)[1]  # served from the scoring search
+            out[label] = {**timing, "scores": s, "ids": ids, "summary": det.fit_summary()}
+        except Exception as exc:
+            out[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        print(f"[oodscope] KNN {label}: " + (
+            f"fit {out[label]['fit']:.3f}s score {out[label]['score']:.3f}s {out[label]['summary']}"
+            if "error" not in out[label] else out[label]["error"]), flush=True)
+    return out
+
+
+def knn_table(section: dict[str, dict], ptood: dict, is_id: np.ndarray) -> list[dict]:
+    from scipy.stats import spearmanr
+
+    from oodscope.metrics import auroc
+
+    exact = section.get("exact (auto)", {})
+    rows = []
+    for label, r in section.items():
+        row = {"search": label, "error": r.get("error")}
+        if "error" in r:
+            rows.append(row)
+            continue
+        total = r["fit"] + r["score"]
+        row.update(fit=r["fit"], score=r["score"], total=total,
+                   summary=r.get("summary", {}),
+                   auroc=auroc(r["scores"][is_id], r["scores"][~is_id]))
+        if "fit" in ptood and "score" in ptood:
+            row["vs_ptood"] = (ptood["fit"] + ptood["score"]) / max(total, 1e-9)
+            row["cpu_vs_ptood"] = ptood["cpu"] / max(r["cpu"], 1e-9)
+        brute = section["torch brute force"]
+        row["vs_torch"] = (brute["fit"] + brute["score"]) / max(total, 1e-9)
+        row["cpu_vs_torch"] = brute["cpu"] / max(r["cpu"], 1e-9)
+        if "scores" in exact:
+            row["spearman_exact"] = float(spearmanr(r["scores"], exact["scores"]).statistic)
+            row["d_auroc"] = row["auroc"] - auroc(exact["scores"][is_id], exact["scores"][~is_id])
+            row["max_above_exact"] = float(np.max(r["scores"] - exact["scores"]))
+            if "ids" in r and "ids" in exact:
+                hits = np.array([len(np.intersect1d(x, y)) for x, y in zip(exact["ids"], r["ids"])]) / KNN_K
+                row["recall_id"], row["recall_ood"] = float(hits[is_id].mean()), float(hits[~is_id].mean())
+        rows.append(row)
+    return rows
+
+
+def print_knn_table(rows: list[dict]) -> None:
+    head = (f"{'KNN k=50 search':<18} {'fit':>7} {'score':>7} {'total':>7} {'vs ptood':>8} "
+            f"{'vs torch':>8} {'cpu ptood/torch':>15} {'recall probe':>12} {'recall ID':>9} {'recall OOD':>10} "
+            f"{'spearman':>9} {'dAUROC':>8} {'max up':>8}  chosen")
+    print("\n" + head + "\n" + "-" * len(head))
+    for r in rows:
+        if r.get("error"):
+            print(f"{r['search']:<18} failed: {r['error']}")
+            continue
+        summary = dict(r.get("summary", {}))
+        probe = next((v for k, v in summary.items() if k.startswith("recall@")), None)
+        chosen = ", ".join(f"{k}={v}" for k, v in summary.items() if not k.startswith("recall@"))
+        print(f"{r['search']:<18} {r['fit']:>7.3f} {r['score']:>7.3f} {r['total']:>7.3f} "
+              f"{_fmt(r.get('vs_ptood'), '.2f'):>8} {_fmt(r.get('vs_torch'), '.2f'):>8} "
+              f"{_fmt(r.get('cpu_vs_ptood'), '.2f') + '/' + _fmt(r.get('cpu_vs_torch'), '.2f'):>15} "
+              f"{_fmt(probe, '.4f'):>12} {_fmt(r.get('recall_id'), '.4f'):>9} "
+              f"{_fmt(r.get('recall_ood'), '.4f'):>10} {_fmt(r.get('spearman_exact'), '.5f'):>9} "
+              f"{_fmt(r.get('d_auroc'), '+.4f'):>8} {_fmt(r.get('max_above_exact'), '.1e'):>8}  {chosen}")
+    print("\nvs ptood / vs torch = pytorch-ood KNN / torch brute force (fit+score wall time) over "
+          "this row's; cpu ptood/torch = the same with process CPU time. recall probe = recall@50 measured at fit time on held-out bank rows (what "
+          "index='auto'/'ivf'/'hnsw' calibrate to >= 0.99). recall ID / OOD, spearman, dAUROC "
+          "= against oodscope's exact search on the ID and OOD test queries. max up = largest "
+          "(approximate - exact) score: an approximate search returns neighbours no closer than "
+          "the exact ones, so its errors can only make a sample look more OOD (up to float "
+          "round-off, larger with float16 storage).")
+
+
 # ----------------------------------------------------------------------------- report
+def _json(x):
+    return x.tolist() if isinstance(x, np.ndarray) else float(x)
+
+
 def _fmt(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -340,10 +494,17 @@ def main(argv=None) -> int:
     p.add_argument("--ptood-python", default=None, help="interpreter that already has pytorch-ood")
     p.add_argument("--threads", type=int, default=0,
                    help="BLAS/OpenMP/torch threads for both libraries (0 = their defaults)")
+    p.add_argument("--knn-search", default=",".join(KNN_VARIANTS),
+                   help="KNN search indexes for the KNN table (comma-separated; '' skips it): "
+                        + ", ".join(KNN_VARIANTS))
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)
     p.add_argument("--names", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    args.knn_variants = [v.strip() for v in args.knn_search.split(",") if v.strip()]
+    unknown = [v for v in args.knn_variants if v not in KNN_VARIANTS]
+    if unknown:
+        p.error(f"unknown --knn-search {unknown}; choose from {list(KNN_VARIANTS)}")
 
     if args.worker is not None:
         ptood_worker(args.worker, [n for n in args.names.split("|") if n], args.threads)
@@ -377,6 +538,7 @@ def main(argv=None) -> int:
             torch.set_num_threads(args.threads)
             _limit_threads(args.threads)
         ours = run_oodscope(a, names)
+        knn_section = run_knn_section(a, args.knn_variants, ours.get(KNN_NAME)) if KNN_NAME in names and args.knn_variants else {}
 
     from scipy.stats import spearmanr
 
@@ -412,8 +574,11 @@ def main(argv=None) -> int:
     print("\nratio = pytorch-ood (fit+score) / oodscope (fit+score) wall time; cpu ratio = the same "
           "with process CPU time (steadier on a shared machine); spearman after flipping "
           "pytorch-ood's sign (higher = OOD there, higher = ID here).")
+    knn_rows = knn_table(knn_section, theirs.get(KNN_NAME, {}), a["test_is_id"]) if knn_section else []
+    if knn_rows:
+        print_knn_table(knn_rows)
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=2, default=float))
+        args.json.write_text(json.dumps({"detectors": rows, "knn": knn_rows}, indent=2, default=_json))
     return 0
 
 

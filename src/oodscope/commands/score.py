@@ -1,6 +1,7 @@
 """``oodscope score``: score a feature file with a saved guard, write a CSV.
 
     oodscope score guard/ --features new.npz --out scores.csv
+    oodscope score guard/ --features new.npz --out scores.csv --ray auto   # on a Ray cluster
 """
 
 from __future__ import annotations
@@ -16,6 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, metavar="FILE", help="features to score")
     p.add_argument("--out", default=None, metavar="CSV",
                    help="output CSV (columns index, score, accept, p_value); default: stdout%(default).0s")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="score on Ray workers (extra 'ray'): no ADDRESS or 'local' starts a local "
+                        "Ray, 'auto' joins the cluster started with `ray start`")
+    p.add_argument("--ray-workers", type=int, default=2, metavar="N",
+                   help="Ray workers scoring in parallel (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -24,7 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from ..guard import Guard
 
     guard = Guard.load(args.guard)
-    out = guard.decide(read_features(args.features))
+    features = read_features(args.features)
+    if args.ray is not None:
+        from ..distributed import score as ray_score
+
+        out = ray_score(guard, features, address=args.ray, num_workers=args.ray_workers)
+    else:
+        out = guard.decide(features)
     table = pd.DataFrame({"score": out["scores"], "accept": out["accept"],
                           "p_value": out["p_values"]})
     table.index.name = "index"

@@ -294,6 +294,11 @@ class Detector:
         entry that will be scored on this fitted state, so a detector can compute them in
         one pass. Default: nothing to plan."""
 
+    def fit_summary(self) -> dict[str, Any]:
+        """What the fit chose beyond the hyperparameters, for reports (e.g. the search index
+        of a neighbour detector and its measured recall@k). Default: nothing."""
+        return {}
+
     def reset(self) -> "Detector":
         """Forget test-time state (the memory of a ``stateful`` detector). Default: no-op."""
         return self
@@ -393,9 +398,20 @@ class Detector:
 
 
 def _all_finite(arr: np.ndarray, chunk: int = 1 << 22) -> bool:
-    flat = arr.reshape(-1)
-    for start in range(0, flat.size, chunk):
-        if not np.isfinite(flat[start : start + chunk]).all():
+    """Whether every value is finite, checked ``chunk`` values at a time (rows at a time
+    for a 2-D or wider array, whose pages are released afterwards if it is memory-mapped,
+    so checking an ImageNet-size bank on disk does not leave it resident)."""
+    from ._neighbors import release_rows
+
+    if arr.ndim < 2:
+        flat = arr.reshape(-1)
+        return all(np.isfinite(flat[s : s + chunk]).all() for s in range(0, flat.size, chunk))
+    step = max(1, chunk // max(1, int(np.prod(arr.shape[1:]))))
+    for start in range(0, len(arr), step):
+        sl = slice(start, min(start + step, len(arr)))
+        ok = bool(np.isfinite(arr[sl]).all())
+        release_rows(arr, sl)
+        if not ok:
             return False
     return True
 

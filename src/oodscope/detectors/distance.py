@@ -9,8 +9,8 @@ float64 copy; scoring is chunked too and done with float32 GEMMs.
 from __future__ import annotations
 
 import hashlib
-
 import math
+import time
 from typing import Any, Callable
 
 import numpy as np
@@ -24,6 +24,7 @@ from .._numeric import (
     softmax,
 )
 from ..features import Features
+from ._neighbors import probe_recall, release_rows, stream_topk, topk_inner_products
 from ._stats import (
     GaussianScorer,
     ScatterAccumulator,
@@ -47,6 +48,7 @@ __all__ = [
     "FDBD",
     "knn_recall_at_k",
     "vim_default_dim",
+    "AUTO_APPROXIMATE_ABOVE",
 ]
 
 _SHRINKAGE_SPACE = [1e-4, 1e-3, 1e-2, 1e-1]
@@ -87,7 +89,8 @@ def _accumulate(
     acc = ScatterAccumulator(features.shape[1], num_groups, reference=reference)
     chunks = list(iter_chunks(len(features), chunk_size))
     for sl in progress(chunks, len(chunks), desc):
-        x = np.asarray(features[sl])
+        x = np.array(features[sl])
+        release_rows(features, sl)  # a memory-mapped bank does not stay resident
         if transform is not None:
             x = transform(np.asarray(x, dtype=np.float64))
         acc.update(x, None if groups is None else groups[sl])
@@ -145,6 +148,7 @@ def _normalized32(features: np.ndarray, chunk_size: int | None = None) -> np.nda
     out = np.empty(features.shape, dtype=np.float32)
     for sl in iter_chunks(len(features), chunk_size):
         out[sl] = _unit32(features[sl])
+        release_rows(features, sl)
     return out
 
 
@@ -318,11 +322,25 @@ def _import_faiss():
     return faiss
 
 
-_INDEX_KINDS = ("flat", "ivf", "ivfpq")
+#: ``index`` values of the detectors with a neighbour bank (``"flat"`` = ``"exact"``).
+_INDEX_CHOICES = ("auto", "exact", "flat", "ivf", "ivfpq", "hnsw")
+#: What an index object can be.
+_INDEX_KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+#: How ivf / hnsw store the bank vectors: 4, 2 or 1 byte per value (faiss scalar quantiser;
+#: int8 uses a per-dimension range learnt from the bank). Recall is measured all the same.
+_STORAGES = ("float32", "float16", "int8")
+#: ``index="auto"``: exact search for banks up to this many rows; above, an IVF index whose
+#: ``nprobe`` is calibrated to the recall target (kept only if it searches faster than exact).
+AUTO_APPROXIMATE_ABOVE = 200_000
+#: The recall calibration of an HNSW index does not raise efSearch above this.
+_MAX_EF_SEARCH = 4096
+_HNSW_EF_CONSTRUCTION = 64
 
 
 def _default_nlist(n: int) -> int:
-    return int(max(1, min(int(4 * math.sqrt(n)), n // 39)))
+    """√n cells (faiss warns below 39 training points per cell): balances the coarse search
+    (nlist centroids) against the scan of the probed cells (√n vectors each)."""
+    return int(max(1, min(round(math.sqrt(n)), n // 39)))
 
 
 def _default_pq_m(d: int) -> int:
@@ -332,6 +350,21 @@ def _default_pq_m(d: int) -> int:
     return d
 
 
+def _faiss_or_none(backend: str, kind: str):
+    faiss = _import_faiss() if backend in ("auto", "faiss") else None
+    if backend == "faiss" and faiss is None:
+        raise ValueError(
+            "backend='faiss' but faiss is not importable; pip install faiss-cpu "
+            "or use backend='auto'/'numpy'."
+        )
+    if kind != "flat" and faiss is None:
+        raise ValueError(
+            f"index={kind!r} needs faiss (pip install faiss-cpu); "
+            "use index='exact' for the exact numpy search."
+        )
+    return faiss
+
+
 @persistable
 class _InnerProductIndex:
     """Top-k inner-product search over a float32 bank: faiss when available, else numpy.
@@ -339,8 +372,16 @@ class _InnerProductIndex:
     ``rows(idx)`` returns float32 bank rows for a slice or index array, so faiss indexes are
     filled chunk by chunk from (possibly memory-mapped float16) features without a second
     full copy; only the numpy backend materialises the bank. ``kind="flat"`` is exact;
-    ``"ivf"`` / ``"ivfpq"`` are faiss approximate indexes for big banks (``nlist`` cells,
-    ``nprobe`` visited per query, ``pq_m`` sub-quantisers).
+    ``"ivf"`` (``nlist`` cells, ``nprobe`` visited per query), ``"ivfpq"`` (plus ``pq_m``
+    sub-quantisers) and ``"hnsw"`` (``hnsw_m`` links per node, ``ef_search`` candidates
+    per query) are faiss approximate indexes; ``storage="float16"`` / ``"int8"`` keeps the
+    vectors of ivf/hnsw in 2 / 1 bytes per value (faiss scalar quantiser: a half / a quarter
+    of the memory, inner products within ~1e-4 / ~1e-2 of float32).
+
+    ``recall`` (a dict: ``k``, ``target``, ``probe_size``, ``seed``; approximate kinds
+    only) measures recall@k on a held-out probe of the bank while the index is built and
+    raises ``nprobe`` / ``ef_search`` to the target (see `_calibrate`); the outcome stays
+    in ``calibration``.
     """
 
     def __init__(
@@ -355,20 +396,17 @@ class _InnerProductIndex:
         pq_m: int | None = None,
         seed: int = 0,
         chunk_size: int | None = None,
+        storage: str = "float32",
+        hnsw_m: int = 32,
+        ef_search: int | None = None,
+        recall: dict[str, Any] | None = None,
     ):
         self.kind = kind
         self.size = int(n)
-        faiss = _import_faiss() if backend in ("auto", "faiss") else None
-        if backend == "faiss" and faiss is None:
-            raise ValueError(
-                "backend='faiss' but faiss is not importable; pip install faiss-cpu "
-                "or use backend='auto'/'numpy'."
-            )
-        if kind != "flat" and faiss is None:
-            raise ValueError(
-                f"index={kind!r} needs faiss (pip install faiss-cpu); "
-                "use index='flat' for the exact numpy search."
-            )
+        self.storage = storage
+        self.calibration: dict[str, Any] | None = None
+        self.order: np.ndarray | None = None  # insertion position -> bank row (None: same)
+        faiss = _faiss_or_none(backend, kind)
         self.bank = None
         self.index = None
         if faiss is None:
@@ -376,48 +414,245 @@ class _InnerProductIndex:
             for sl in iter_chunks(n, chunk_size):
                 self.bank[sl] = rows(sl)
             return
-        if kind == "flat":
-            index = faiss.IndexFlatIP(d)
-        else:
-            nlist = _default_nlist(n) if nlist is None else int(nlist)
-            if nlist > n:
-                raise ValueError(f"nlist={nlist} exceeds the {n} bank vectors; lower nlist.")
-            quantizer = faiss.IndexFlatIP(d)
-            if kind == "ivf":
-                index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
-            else:
-                m = _default_pq_m(d) if pq_m is None else int(pq_m)
-                if d % m:
-                    raise ValueError(f"pq_m={m} must divide the feature width {d}.")
-                if n < 256:
-                    raise ValueError(
-                        f"index='ivfpq' needs at least 256 bank vectors, got {n}; "
-                        "use index='flat' or 'ivf'."
-                    )
-                index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, faiss.METRIC_INNER_PRODUCT)
-            rng = np.random.default_rng(seed)
-            n_train = min(n, max(256 * nlist, 10_000))
-            sample_ids = (
-                np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
-            )
-            if hasattr(index, "cp"):
-                index.cp.seed = int(seed)
-            index.train(np.ascontiguousarray(rows(sample_ids)))
-            index.nprobe = (
-                int(max(1, math.ceil(nlist / 16))) if nprobe is None else int(min(nprobe, nlist))
-            )
+        index = self._new_faiss_index(faiss, rows, n, d, nlist, nprobe, pq_m, seed, storage,
+                                      hnsw_m)
+        probe = None
+        if recall is not None and kind != "flat":
+            # at most a tenth of the bank, so the held-out index stays representative
+            m = min(int(recall["probe_size"]), n // 10)
+            if m >= 1:
+                rng = np.random.default_rng(int(recall["seed"]) + 1)
+                probe = np.sort(rng.choice(n, m, replace=False))
+        # the probe rows go in last, after the calibration searched the index without them
+        keep = None
+        if probe is not None:
+            keep = np.ones(n, dtype=bool)
+            keep[probe] = False
+            self.order = np.concatenate([np.flatnonzero(keep), probe])
         chunks = list(iter_chunks(n, chunk_size))
+        cells = self._reserve_cells(index, rows, chunks) if kind in ("ivf", "ivfpq") else None
         for sl in progress(chunks, len(chunks), "index"):
-            index.add(np.ascontiguousarray(rows(sl)))
+            block = rows(sl)
+            part = None if cells is None else cells[sl]
+            if keep is not None and not keep[sl].all():
+                block = block[keep[sl]]
+                part = None if part is None else part[keep[sl]]
+            self._add(faiss, index, block, part)
+        if kind == "hnsw":
+            index.hnsw.efSearch = int(ef_search) if ef_search is not None else 64
         self.index = index
+        if probe is not None:
+            fixed = (nprobe if kind != "hnsw" else ef_search) is not None
+            self._calibrate(rows, recall["k"], None if fixed else recall["target"], probe,
+                            int(recall["seed"]), held_out=True)
+            self._add(faiss, index, rows(probe), None if cells is None else cells[probe])
+        if kind == "ivf":
+            index.make_direct_map()  # exact rows back, to re-measure recall for a larger k
+
+    @staticmethod
+    def _reserve_cells(index, rows: Callable[[Any], np.ndarray], chunks: list[slice]) -> np.ndarray:
+        """The cell of every bank row, and each inverted list allocated at its final size:
+        lists grown row by row double their capacity, up to twice the memory of the codes
+        (7.8 GB instead of 5 for a float16 ImageNet bank)."""
+        import faiss
+
+        cells = np.empty(chunks[-1].stop, dtype=np.int64)
+        for sl in progress(chunks, len(chunks), "assign"):
+            cells[sl] = index.quantizer.search(np.ascontiguousarray(rows(sl)), 1)[1][:, 0]
+        lists = faiss.downcast_InvertedLists(index.invlists)
+        counts = np.bincount(cells, minlength=index.nlist)
+        for cell in np.flatnonzero(counts):
+            lists.resize(int(cell), int(counts[cell]))  # allocate ...
+            lists.resize(int(cell), 0)  # ... and empty: the capacity stays
+        return cells
+
+    def _add(self, faiss, index, block: np.ndarray, cells: np.ndarray | None = None) -> None:
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if cells is not None:  # IVF: the cells are known, add without assigning again
+            cells = np.ascontiguousarray(cells, dtype=np.int64)
+            index.add_core(len(block), faiss.swig_ptr(block), None, faiss.swig_ptr(cells))
+            return
+        # an HNSW graph built by several threads depends on their timing: build it on one
+        threads = faiss.omp_get_max_threads()
+        if self.kind == "hnsw":
+            faiss.omp_set_num_threads(1)
+        try:
+            index.add(block)
+        finally:
+            faiss.omp_set_num_threads(threads)
+
+    def _new_faiss_index(self, faiss, rows, n, d, nlist, nprobe, pq_m, seed, storage, hnsw_m):
+        qtype = {"float16": faiss.ScalarQuantizer.QT_fp16,
+                 "int8": faiss.ScalarQuantizer.QT_8bit}.get(storage)
+        ip = faiss.METRIC_INNER_PRODUCT
+        rng = np.random.default_rng(seed)
+        if self.kind == "flat":
+            return faiss.IndexFlatIP(d)
+        if self.kind == "hnsw":
+            index = (faiss.IndexHNSWSQ(d, qtype, int(hnsw_m), ip) if qtype is not None
+                     else faiss.IndexHNSWFlat(d, int(hnsw_m), ip))
+            index.hnsw.efConstruction = _HNSW_EF_CONSTRUCTION
+            if not index.is_trained:  # the int8 ranges
+                n_train = min(n, 65_536)
+                ids = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+                index.train(np.ascontiguousarray(rows(ids)))
+            return index
+        nlist = _default_nlist(n) if nlist is None else int(nlist)
+        if nlist > n:
+            raise ValueError(f"nlist={nlist} exceeds the {n} bank vectors; lower nlist.")
+        quantizer = faiss.IndexFlatIP(d)
+        if self.kind == "ivf":
+            index = (faiss.IndexIVFScalarQuantizer(quantizer, d, nlist, qtype, ip)
+                     if qtype is not None else faiss.IndexIVFFlat(quantizer, d, nlist, ip))
+        else:
+            m = _default_pq_m(d) if pq_m is None else int(pq_m)
+            if d % m:
+                raise ValueError(f"pq_m={m} must divide the feature width {d}.")
+            if n < 256:
+                raise ValueError(
+                    f"index='ivfpq' needs at least 256 bank vectors, got {n}; "
+                    "use index='exact' or 'ivf'."
+                )
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, 8, ip)
+        # 64 training points per cell (faiss asks for 39 to 256) and 10 k-means rounds:
+        # fitting the cells of a 1.28M-row bank must not cost more than filling them
+        n_train = min(n, max(64 * nlist, 10_000))
+        sample_ids = np.arange(n) if n_train == n else np.sort(rng.choice(n, n_train, replace=False))
+        index.cp.seed = int(seed)
+        index.cp.niter = 10
+        index.train(np.ascontiguousarray(rows(sample_ids)))
+        index.nprobe = (
+            int(max(1, math.ceil(nlist / 16))) if nprobe is None else int(min(nprobe, nlist))
+        )
+        return index
 
     _CACHE_ENTRIES = 4
 
+    # ------------------------------------------------------------ search breadth
+    @property
+    def knob_name(self) -> str | None:
+        """The search-breadth parameter of an approximate index (``None`` when exact)."""
+        return {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "ef_search"}.get(self.kind)
+
+    @property
+    def knob(self) -> int | None:
+        if self.kind == "hnsw":
+            return int(self.index.hnsw.efSearch)
+        if self.kind in ("ivf", "ivfpq"):
+            return int(self.index.nprobe)
+        return None
+
+    @knob.setter
+    def knob(self, value: int) -> None:
+        if self.kind == "hnsw":
+            self.index.hnsw.efSearch = int(value)
+        else:
+            self.index.nprobe = int(value)
+
+    def _knob_range(self, k: int) -> tuple[int, int]:
+        if self.kind == "hnsw":
+            low = max(16, k)
+            return low, max(low, min(_MAX_EF_SEARCH, self.size))
+        return 1, int(self.index.nlist)
+
+    def _internal(self, ids: np.ndarray) -> np.ndarray:
+        """Insertion positions of bank rows ``ids``."""
+        if self.order is None:
+            return ids
+        inverse = self.__dict__.get("_inverse")
+        if inverse is None:
+            inverse = self.__dict__["_inverse"] = np.argsort(self.order)
+        return inverse[ids]
+
+    def rows(self, idx: Any) -> np.ndarray:
+        """Stored bank rows (float32) for a slice or an index array (flat, ivf, hnsw; the
+        float16 storage gives them rounded to half precision)."""
+        if self.index is None:
+            return self.bank[idx]
+        if isinstance(idx, slice):
+            start, stop, _ = idx.indices(self.size)
+            if self.order is None:
+                return self.index.reconstruct_n(start, stop - start)
+            idx = np.arange(start, stop)
+        internal = self._internal(np.asarray(idx, dtype=np.int64))
+        return self.index.reconstruct_batch(np.ascontiguousarray(internal))
+
+    # ------------------------------------------------------------ recall
+    def _calibrate(self, rows: Callable[[Any], np.ndarray], k: int, target: float | None,
+                   probe: np.ndarray, seed: int, held_out: bool) -> dict[str, Any]:
+        """Measure recall@k of the probe rows ``probe`` and, when ``target`` is set, raise
+        the search breadth (doubling ``nprobe`` / ``ef_search`` from its smallest useful
+        value) until recall@k reaches it or the breadth its maximum.
+
+        The probe rows are left out of the bank on both sides: the exact reference (a
+        streamed exact search over ``rows``) skips them, and the index either does not
+        hold them yet (``held_out``: the fit adds them after calibrating, so they are
+        queries it has never seen) or filters them out of its results (a later
+        re-measurement for a larger k). Recorded in ``calibration``: k, recall, target,
+        probe size, breadth, and the seconds the probe took with exact and approximate
+        search.
+        """
+        n = self.size
+        k_eff = max(1, min(int(k), n - len(probe)))
+        queries = np.ascontiguousarray(rows(probe), dtype=np.float32)
+        exact_vals, exact_ids, exact_s = stream_topk(rows, n, queries, k_eff, exclude=probe)
+        params = {}
+        if not held_out:
+            faiss = _import_faiss()
+            selector = faiss.IDSelectorBatch(self._internal(probe).astype(np.int64))
+            params["sel"] = faiss.IDSelectorNot(selector)
+        low, high = self._knob_range(k_eff)
+        value = self.knob if target is None else low
+        while True:
+            self.knob = value
+            t0 = time.perf_counter()
+            approx_ids = self._faiss_search(queries, k_eff, params)[1]
+            search_s = time.perf_counter() - t0
+            recall = probe_recall(queries, exact_vals, exact_ids, approx_ids, rows)
+            if target is None or recall >= target or value >= high:
+                break
+            value = min(2 * value, high)
+        self.calibration = {
+            "k": int(k), "recall": float(recall), "target": target, "probe": int(len(probe)),
+            "knob": self.knob_name, "value": int(value), "exact_s": float(exact_s),
+            "search_s": float(search_s), "probe_ids": probe, "seed": int(seed),
+            "held_out": bool(held_out),
+        }
+        self.__dict__.pop("_cache", None)
+        return self.calibration
+
+    def ensure_recall(self, k: int) -> None:
+        """Re-measure (and re-calibrate) for ``k`` larger than the calibrated one, with the
+        stored rows as the exact reference and the probe rows filtered out of the results
+        (for HNSW the probe rows now sit in the graph, which flatters the estimate
+        slightly). IVF-PQ and int8 storage keep no exact rows: they warn instead."""
+        cal = self.calibration
+        if cal is None or k <= cal["k"]:
+            return
+        if self.kind == "ivfpq" or self.storage == "int8":
+            import warnings
+
+            warnings.warn(
+                f"{self.kind} ({self.storage}) recall was measured for k={cal['k']}, not k={k} "
+                "(the index keeps no exact vectors to re-measure it); refit with this k to "
+                "calibrate it.", RuntimeWarning, stacklevel=3,
+            )
+            cal["k"] = int(k)  # warn once per k
+            return
+        self._calibrate(self.rows, k, cal["target"], np.asarray(cal["probe_ids"]),
+                        int(cal["seed"]), held_out=False)
+
+    # ------------------------------------------------------------ persistence
     def get_state(self) -> dict[str, Any]:
         """Arrays only (see `oodscope.persistence`): an exact index keeps its vectors and is
-        rebuilt on load; an approximate faiss index keeps its trained cells through faiss's
-        own binary format, held as a uint8 array (no pickle)."""
-        state: dict[str, Any] = {"kind": self.kind, "size": self.size}
+        rebuilt on load; an approximate faiss index keeps its trained cells / graph through
+        faiss's own binary format, held as a uint8 array (no pickle), so loading gives the
+        very same index and scores."""
+        state: dict[str, Any] = {"kind": self.kind, "size": self.size, "storage": self.storage}
+        if self.calibration is not None:
+            state["calibration"] = dict(self.calibration)
+        if self.order is not None:
+            state["order"] = self.order
         if self.index is None:
             state["bank"] = self.bank
         elif self.kind == "flat":
@@ -431,9 +666,17 @@ class _InnerProductIndex:
     def from_state(cls, state: dict[str, Any]) -> "_InnerProductIndex":
         self = cls.__new__(cls)
         self.kind, self.size = str(state["kind"]), int(state["size"])
+        self.storage = str(state.get("storage", "float32"))
         self.bank, self.index = None, None
         if self.kind not in _INDEX_KINDS:
             raise ValueError(f"unknown index kind {self.kind!r}")
+        cal = state.get("calibration")
+        self.calibration = dict(cal) if cal is not None else None
+        order = state.get("order")
+        self.order = None if order is None else np.asarray(order, dtype=np.int64)
+        if self.order is not None and not np.array_equal(np.sort(self.order),
+                                                         np.arange(self.size)):
+            raise ValueError("index order must be a permutation of the bank rows")
         if "bank" in state:
             self.bank = np.asarray(state["bank"], dtype=np.float32)
             stored = len(self.bank)
@@ -458,7 +701,23 @@ class _InnerProductIndex:
             stored = self.index.ntotal
         if stored != self.size:
             raise ValueError(f"the index holds {stored} vectors, the state says {self.size}")
+        if self.calibration is not None and self.knob_name is not None:
+            self.knob = int(self.calibration["value"])
         return self
+
+    def _faiss_search(self, queries: np.ndarray, k: int, params: dict | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """faiss search, ids mapped back to bank rows; −inf / −1 for missing neighbours."""
+        if params:
+            faiss = _import_faiss()
+            cls = faiss.SearchParametersHNSW if self.kind == "hnsw" else faiss.SearchParametersIVF
+            extra = {"efSearch": self.knob} if self.kind == "hnsw" else {"nprobe": self.knob}
+            vals, ids = self.index.search(queries, k, params=cls(**params, **extra))
+        else:
+            vals, ids = self.index.search(queries, k)
+        if self.order is not None:
+            ids = np.where(ids >= 0, self.order[np.maximum(ids, 0)], -1)
+        return np.where(ids < 0, -np.inf, vals), ids
 
     def search(
         self, queries: np.ndarray, k: int, chunk_size: int | None = None
@@ -466,22 +725,22 @@ class _InnerProductIndex:
         """(values, ids) of the k largest inner products per query, values descending.
         Missing neighbours (approximate index, too few probed) get value −inf and id −1.
 
-        The last few results are kept, keyed by the queries' bytes: asking again for the
-        same queries with the same or a smaller k slices the stored result instead of
-        searching again. Hyperparameter tuning over k (largest k first) thus costs one
-        search per validation split.
+        The last few results are kept, keyed by the queries' bytes and the search breadth:
+        asking again for the same queries with the same or a smaller k slices the stored
+        result instead of searching again. Hyperparameter tuning over k (largest k first)
+        thus costs one search per validation split.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         cache = self.__dict__.setdefault("_cache", {})
-        key = (queries.shape, hashlib.blake2b(queries.data, digest_size=16).hexdigest())
+        key = (queries.shape, self.knob,
+               hashlib.blake2b(queries.data, digest_size=16).hexdigest())
         hit = cache.get(key)
         if hit is not None and hit[0].shape[1] >= k:
             return hit[0][:, :k], hit[1][:, :k]
         if self.index is not None:
-            vals, ids = self.index.search(queries, k)
-            vals = np.where(ids < 0, -np.inf, vals)
+            vals, ids = self._faiss_search(queries, k)
         else:
-            vals, ids = _numpy_topk_ip(self.bank, queries, k, chunk_size)
+            vals, ids = topk_inner_products(self.bank, queries, k, chunk_size)
         cache.pop(key, None)
         cache[key] = (vals, ids)
         while len(cache) > self._CACHE_ENTRIES:
@@ -489,49 +748,29 @@ class _InnerProductIndex:
         return vals, ids
 
 
+def _streamed_rows(features: np.ndarray, transform: Callable[[np.ndarray, Any], np.ndarray]
+                   ) -> Callable[[Any], np.ndarray]:
+    """``rows(idx)`` = ``transform(features[idx], idx)`` as float32; after a slice of a
+    memory-mapped bank is read its pages are released, so streaming over a bank on disk
+    does not keep the file resident in this process."""
+
+    def rows(idx: Any) -> np.ndarray:
+        out = transform(features[idx], idx)
+        if isinstance(idx, slice):
+            release_rows(features, idx)
+        return out
+
+    return rows
+
+
 def _normalized_rows(features: np.ndarray) -> Callable[[Any], np.ndarray]:
-    return lambda idx: _unit32(features[idx])
+    return _streamed_rows(features, lambda x, idx: _unit32(x))
 
 
 def _recall(exact_ids: np.ndarray, approx_ids: np.ndarray) -> float:
     k = exact_ids.shape[1]
     hits = [len(np.intersect1d(e, a[a >= 0])) for e, a in zip(exact_ids, approx_ids)]
     return float(np.mean(hits) / k)
-
-
-def _numpy_topk_ip(
-    bank: np.ndarray, queries: np.ndarray, k: int, chunk_size: int | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k inner products with a chunked GEMM (faiss-free).
-
-    The selection uses ``torch.topk`` when torch is importable (about 10x faster than
-    ``np.argpartition`` on wide rows), else numpy.
-    """
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a core dependency in practice
-        torch = None
-    n_bank = len(bank)
-    rows = chunk_size or max(1, min(4096, (1 << 25) // max(n_bank, 1)))
-    vals = np.empty((len(queries), k), dtype=np.float32)
-    ids = np.empty((len(queries), k), dtype=np.int64)
-    for start in range(0, len(queries), rows):
-        sims = queries[start : start + rows] @ bank.T
-        stop = start + len(sims)
-        if torch is not None:
-            top = torch.topk(torch.from_numpy(sims), k, dim=1, largest=True, sorted=True)
-            vals[start:stop], ids[start:stop] = top.values.numpy(), top.indices.numpy()
-            continue
-        part = (
-            np.argpartition(-sims, k - 1, axis=1)[:, :k]
-            if k < n_bank
-            else np.broadcast_to(np.arange(n_bank), sims.shape).copy()
-        )
-        top = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        vals[start:stop] = np.take_along_axis(top, order, axis=1)
-        ids[start:stop] = np.take_along_axis(part, order, axis=1)
-    return vals, ids
 
 
 def knn_recall_at_k(
@@ -569,23 +808,161 @@ def knn_recall_at_k(
     return _recall(exact, approx)
 
 
+class _NeighborBank(Detector):
+    """What the detectors with a neighbour bank share: the search index, chosen by
+    ``index``, and the recall guarantee of approximate search.
+
+    ``index="exact"`` (alias ``"flat"``) searches exhaustively; ``"ivf"``, ``"hnsw"`` and
+    ``"ivfpq"`` are faiss approximate indexes; ``"auto"`` is exact for banks up to
+    `AUTO_APPROXIMATE_ABOVE` rows and IVF above. An approximate index measures recall@k at
+    fit time on a held-out probe of the bank (``probe_size`` bank rows searched without
+    themselves, against exact search) and, unless ``nprobe`` / ``ef_search`` is given,
+    raises it until recall@k ≥ ``target_recall``. ``auto`` keeps the IVF index only when
+    it reached the target *and* searched the probe faster than exact search did; else it
+    searches exactly. An explicit ``ivf`` always reaches the target (probing every cell is
+    exhaustive); ``hnsw`` and ``ivfpq`` warn when they cannot. The outcome is recorded:
+    ``index_kind_``, ``recall_at_k_``, ``nprobe_`` / ``ef_search_`` and `fit_summary`.
+    Scoring with (or tuning to) a larger k than the calibrated one re-measures first.
+    """
+
+    def _init_index_params(self, index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
+                           target_recall, probe_size, backend, seed) -> None:
+        self.index = index
+        self.nlist = nlist
+        self.nprobe = nprobe
+        self.pq_m = pq_m
+        self.ef_search = ef_search
+        self.hnsw_m = hnsw_m
+        self.storage = storage
+        self.target_recall = target_recall
+        self.probe_size = probe_size
+        self.backend = backend
+        self.seed = seed
+
+    def _check_index_params(self) -> None:
+        if self.index not in _INDEX_CHOICES:
+            raise ValueError(f"index must be one of {_INDEX_CHOICES}, got {self.index!r}.")
+        if self.backend not in ("auto", "faiss", "numpy"):
+            raise ValueError(f"backend must be 'auto', 'faiss' or 'numpy', got {self.backend!r}.")
+        if self.backend == "numpy" and self.index not in ("exact", "flat", "auto"):
+            raise ValueError("backend='numpy' only supports exact search (index='exact' or 'auto').")
+        if self.storage not in _STORAGES:
+            raise ValueError(f"storage must be one of {_STORAGES}, got {self.storage!r}.")
+        for name in ("nlist", "nprobe", "pq_m", "ef_search"):
+            if getattr(self, name) is not None:
+                _check_positive_int(name, getattr(self, name))
+        _check_positive_int("hnsw_m", self.hnsw_m)
+        _check_positive_int("probe_size", self.probe_size)
+        t = self.target_recall
+        if t is not None and not (isinstance(t, (int, float)) and not isinstance(t, bool)
+                                  and 0.0 < t <= 1.0):
+            raise ValueError(f"target_recall must be None or in (0, 1], got {t!r}.")
+
+    def _resolve_kind(self, n: int) -> str:
+        if self.index in ("exact", "flat"):
+            return "flat"
+        if self.index == "auto":
+            if n <= AUTO_APPROXIMATE_ABOVE or self.backend == "numpy" or _import_faiss() is None:
+                return "flat"
+            return "ivf"
+        return self.index
+
+    def _build_index(self, rows: Callable[[Any], np.ndarray], n: int, d: int) -> None:
+        kind = self._resolve_kind(n)
+
+        def build(kind: str) -> _InnerProductIndex:
+            recall = {"k": self.k, "target": self.target_recall, "probe_size": self.probe_size,
+                      "seed": self.seed}
+            return _InnerProductIndex(
+                rows, n, d, kind, self.backend, self.nlist, self.nprobe, self.pq_m, self.seed,
+                storage=self.storage, hnsw_m=self.hnsw_m, ef_search=self.ef_search,
+                recall=recall,
+            )
+
+        index = build(kind)
+        self._auto_note_ = ""
+        cal = index.calibration
+        if cal is not None:
+            reached = self.target_recall is None or cal["recall"] >= self.target_recall
+            if self.index == "auto" and (not reached or cal["search_s"] >= cal["exact_s"]):
+                self._auto_note_ = (
+                    f"auto: exact search (ivf reached recall@{cal['k']} {cal['recall']:.4f} with "
+                    f"nprobe={cal['value']} in {cal['search_s']:.3g}s for the {cal['probe']}-row "
+                    f"probe vs {cal['exact_s']:.3g}s exact)"
+                )
+                index = build("flat")
+            elif not reached:
+                import warnings
+
+                warnings.warn(
+                    f"{type(self).__name__}: index={kind!r} reached recall@{cal['k']} "
+                    f"{cal['recall']:.4f} < target {self.target_recall} at {cal['knob']}="
+                    f"{cal['value']}; use index='ivf' or 'exact' for the target.",
+                    RuntimeWarning, stacklevel=4,
+                )
+        self.index_ = index
+
+    def _search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        self.index_.ensure_recall(k)
+        return self.index_.search(queries, k)
+
+    def plan_score_params(self, values: dict[str, list[Any]]) -> None:
+        """Calibrate the approximate index for the largest k about to be scored."""
+        ks = [k for k in values.get("k", ()) if isinstance(k, (int, np.integer))]
+        if ks:
+            self.index_.ensure_recall(int(max(ks)))
+
+    # ------------------------------------------------------------ what the fit chose
+    @property
+    def index_kind_(self) -> str:
+        return "exact" if self.index_.kind == "flat" else self.index_.kind
+
+    @property
+    def recall_at_k_(self) -> float:
+        """Measured recall@k of the search (1.0 for exact search)."""
+        cal = self.index_.calibration
+        return 1.0 if cal is None else float(cal["recall"])
+
+    @property
+    def nprobe_(self) -> int | None:
+        return self.index_.knob if self.index_.knob_name == "nprobe" else None
+
+    @property
+    def ef_search_(self) -> int | None:
+        return self.index_.knob if self.index_.knob_name == "ef_search" else None
+
+    def fit_summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"index": self.index_kind_}
+        cal = self.index_.calibration
+        if cal is not None:
+            out[f"recall@{cal['k']}"] = round(float(cal["recall"]), 4)
+            out["probe"] = cal["probe"]
+            out[cal["knob"]] = self.index_.knob
+        if getattr(self, "_auto_note_", ""):
+            out["note"] = self._auto_note_
+        return out
+
+
 @register("knn", "deep_knn")
-class KNN(Detector):
+class KNN(_NeighborBank):
     """Deep nearest neighbours (Sun et al., ICML 2022).
 
     Train and test features are L2-normalised; the score is ``−‖ẑ − ẑ_(k)‖``, minus the
     Euclidean distance to the k-th nearest training feature (default k=50, the paper's
     CIFAR setting; the paper uses k=1000 with a 1% subsample on ImageNet).
-
-    ``index="flat"`` is exact (faiss ``IndexFlatIP``, or a chunked numpy GEMM when faiss is
-    missing or ``backend="numpy"``); ``"ivf"`` and ``"ivfpq"`` are faiss approximate indexes
-    for big banks, tuned by ``nlist`` / ``nprobe`` (check them with `recall_at_k`).
     ``subsample`` keeps a seeded random fraction (float) or count (int) of the bank.
+
+    Search (see ``_NeighborBank``): ``index="auto"`` (default) is exact up to
+    200,000 bank rows and a recall-calibrated IVF above; ``"exact"`` is faiss
+    ``IndexFlatIP`` (or a chunked numpy GEMM when faiss is missing or
+    ``backend="numpy"``); ``"ivf"``, ``"hnsw"``, ``"ivfpq"`` are faiss approximate indexes
+    whose recall@k is measured at fit time and raised to ``target_recall``.
 
     Cost: exact search is one ``N_test × N_bank × D`` float32 GEMM plus a top-k heap; on a
     two-core AVX-512 CPU that is about 10 s of single-core time for 20k queries against 50k
     512-d features (~100 GFLOP/s, the hardware floor of exact search). IVF only pays off
-    when features have low intrinsic dimension; measure with `recall_at_k`.
+    when the features have a low intrinsic dimension (the probed cells then hold the
+    neighbours); ``auto`` measures that on the probe instead of assuming it.
     """
 
     requires = frozenset({"features"})
@@ -598,34 +975,27 @@ class KNN(Detector):
         self,
         k: int = 50,
         subsample: float | int | None = None,
-        index: str = "flat",
+        index: str = "auto",
         nlist: int | None = None,
         nprobe: int | None = None,
         pq_m: int | None = None,
         backend: str = "auto",
         seed: int = 0,
+        ef_search: int | None = None,
+        hnsw_m: int = 32,
+        storage: str = "float32",
+        target_recall: float | None = 0.99,
+        probe_size: int = 1000,
     ):
         self.k = k
         self.subsample = subsample
-        self.index = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.pq_m = pq_m
-        self.backend = backend
-        self.seed = seed
+        self._init_index_params(index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
+                                target_recall, probe_size, backend, seed)
 
     def _check_params(self) -> None:
         _check_positive_int("k", self.k)
         _check_subsample(self.subsample)
-        if self.index not in _INDEX_KINDS:
-            raise ValueError(f"index must be one of {_INDEX_KINDS}, got {self.index!r}.")
-        if self.backend not in ("auto", "faiss", "numpy"):
-            raise ValueError(f"backend must be 'auto', 'faiss' or 'numpy', got {self.backend!r}.")
-        if self.backend == "numpy" and self.index != "flat":
-            raise ValueError("backend='numpy' only supports index='flat' (exact search).")
-        for name in ("nlist", "nprobe", "pq_m"):
-            if getattr(self, name) is not None:
-                _check_positive_int(name, getattr(self, name))
+        self._check_index_params()
 
     def _fit(self, train: Features) -> None:
         idx = _subsample_indices(len(train), self.subsample, self.seed)
@@ -637,21 +1007,11 @@ class KNN(Detector):
             )
         self.bank_size_ = len(feats)
         self.bank_indices_ = idx  # None: the whole training set
-        self.index_ = _InnerProductIndex(
-            _normalized_rows(feats),
-            len(feats),
-            feats.shape[1],
-            self.index,
-            self.backend,
-            self.nlist,
-            self.nprobe,
-            self.pq_m,
-            self.seed,
-        )
+        self._build_index(_normalized_rows(feats), len(feats), feats.shape[1])
 
     def _score(self, x: Features) -> np.ndarray:
         queries = _normalized32(x.features)
-        sims = self.index_.search(queries, self.k)[0][:, self.k - 1].astype(np.float64)
+        sims = self._search(queries, self.k)[0][:, self.k - 1].astype(np.float64)
         sims = np.where(np.isfinite(sims), sims, -1.0)  # no k-th neighbour found: farthest
         return -np.sqrt(np.clip(2.0 - 2.0 * sims, 0.0, 4.0))
 
@@ -678,25 +1038,21 @@ class KNN(Detector):
             rng = np.random.default_rng(self.seed)
             feats = feats[np.sort(rng.choice(len(feats), sample, replace=False))]
         queries = _normalized32(feats)
-        exact = _InnerProductIndex(
-            _normalized_rows(bank),
-            len(bank),
-            bank.shape[1],
-            "flat",
-            self.backend if self.backend != "numpy" else "numpy",
-        )
-        return _recall(exact.search(queries, self.k)[1], self.index_.search(queries, self.k)[1])
+        exact = stream_topk(_normalized_rows(bank), len(bank), queries, self.k)[1]
+        return _recall(exact, self._search(queries, self.k)[1])
 
 
 @register("nnguide")
-class NNGuide(Detector):
+class NNGuide(_NeighborBank):
     """Nearest-neighbour guidance (Park et al., ICCV 2023).
 
     The guide bank holds L2-normalised training features each scaled by its energy
     (``logsumexp`` of its logits). The score is ``energy(x) · mean_{top-k} ⟨ẑ, g_j⟩``: the
     classifier confidence times the mean inner product of the normalised test feature with
-    its k best-matching guides (exact search). ``subsample`` keeps a seeded fraction/count of
-    the bank (the paper subsamples ImageNet's training set).
+    its k best-matching guides. ``subsample`` keeps a seeded fraction/count of the bank
+    (the paper subsamples ImageNet's training set). Search as in `KNN`: exact up to
+    200,000 guides with the default ``index="auto"``, a recall-calibrated approximate
+    index above or on request.
     """
 
     requires = frozenset({"features", "logits"})
@@ -713,17 +1069,25 @@ class NNGuide(Detector):
         subsample: float | int | None = None,
         backend: str = "auto",
         seed: int = 0,
+        index: str = "auto",
+        nlist: int | None = None,
+        nprobe: int | None = None,
+        pq_m: int | None = None,
+        ef_search: int | None = None,
+        hnsw_m: int = 32,
+        storage: str = "float32",
+        target_recall: float | None = 0.99,
+        probe_size: int = 1000,
     ):
         self.k = k
         self.subsample = subsample
-        self.backend = backend
-        self.seed = seed
+        self._init_index_params(index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
+                                target_recall, probe_size, backend, seed)
 
     def _check_params(self) -> None:
         _check_positive_int("k", self.k)
         _check_subsample(self.subsample)
-        if self.backend not in ("auto", "faiss", "numpy"):
-            raise ValueError(f"backend must be 'auto', 'faiss' or 'numpy', got {self.backend!r}.")
+        self._check_index_params()
 
     def _fit(self, train: Features) -> None:
         idx = _subsample_indices(len(train), self.subsample, self.seed)
@@ -733,20 +1097,12 @@ class NNGuide(Detector):
         energy = map_chunks(lambda sl: logsumexp(_logits(sub, sl), axis=1), len(sub)).astype(
             np.float32
         )
-        normalized = _normalized_rows(sub.features)
-        self.index_ = _InnerProductIndex(
-            lambda idx: normalized(idx) * energy[idx, None],
-            len(sub),
-            sub.features.shape[1],
-            "flat",
-            self.backend,
-        )
+        guides = _streamed_rows(sub.features, lambda x, idx: _unit32(x) * energy[idx, None])
+        self._build_index(guides, len(sub), sub.features.shape[1])
 
     def _score(self, x: Features) -> np.ndarray:
         energy = logsumexp(x.logits, axis=1)
-        guidance = (
-            self.index_.search(_normalized32(x.features), self.k)[0].astype(np.float64).mean(1)
-        )
+        guidance = self._search(_normalized32(x.features), self.k)[0].astype(np.float64).mean(1)
         return energy * guidance
 
 
@@ -897,6 +1253,7 @@ class ViM(_PrincipalResidual):
             norm_sum += float(np.sqrt(total_sq).sum())
             # the max is exact in the logits' own dtype; sum in float64
             max_logit_sum += float(np.asarray(_logits(train, sl)).max(1).sum(dtype=np.float64))
+            release_rows(train.features, sl)  # after _logits, which may read the rows again
         mean_res = res_sum / len(train)
         if not mean_res > 1e-6 * (norm_sum / len(train)):
             raise ValueError(
