@@ -210,3 +210,30 @@ def test_one_class_logits_and_missing_labels_raise():
         SDM().fit(one)
     with pytest.raises(ValueError, match="labels"):
         SDM().fit(train.replace(labels=None))
+
+
+def test_held_out_calibration_keeps_all_of_train_as_support():
+    train, held, far = _noisy_problem(seed=3, n=800)
+    cal, test = held[:300], held[300:]
+    det = ood.create("sdm").fit(train, calibration=cal)
+    assert len(det.support_features_) == len(train)
+    np.testing.assert_array_equal(det.support_features_, train.features)
+    assert det.d_offsets_[-1] <= len(cal)  # distance eCDFs come from the calibration points
+    # far OOD sits at the floor with the ID points whose nearest neighbour disagrees (q = 0)
+    s_id, s_far = det.score(test), det.score(far)
+    assert np.ptp(s_far) == 0 and ood.metrics.auroc(s_id, s_far) > 0.85
+    split = ood.create("sdm").fit(train)
+    assert len(split.support_features_) == len(train) - round(0.5 * len(train))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda f: f.replace(labels=-np.ones(len(f), int)), "in-distribution labels"),
+    (lambda f: f.replace(labels=np.full(len(f), 9)), "in-distribution labels"),
+    (lambda f: f.replace(features=f.features[:, :3]), "width"),
+    (lambda f: f.replace(labels=None), "labels"),
+    (lambda f: f.replace(logits=np.where(np.arange(len(f))[:, None] == 2, np.nan, f.logits)), "NaN"),
+])
+def test_bad_calibration_set_raises(change, match):
+    train, cal, _ = _noisy_problem(n=200)
+    with pytest.raises(ValueError, match=match):
+        SDM().fit(train, calibration=change(cal))

@@ -35,8 +35,11 @@ Deviations from the paper, all for working on frozen `Features` in a few seconds
 * no exemplar adaptor: the paper trains a 1-D CNN over frozen hidden states, with the sdm
   loss, and searches neighbours in its output; here ``h'`` are the given penultimate
   ``features`` and ``z'`` the given ``logits`` (the network *is* the adaptor);
-* one random support/calibration split (``calibration_fraction``), not J = 10, and so no
-  iterated Cauchy magnitude offset across splits;
+* one support/calibration split, not J = 10, and so no iterated Cauchy magnitude offset
+  across splits. As in the paper, ``fit(train, calibration=held_out)`` uses all of ``train``
+  as the support set and calibrates on held-out labelled data; ``fit(train)`` alone splits
+  ``train`` at random (``calibration_fraction``), which calibrates on data the network was
+  trained on and so admits more than it should;
 * the rescaler is fitted by full-batch L-BFGS from the identity with a small ridge
   (``rescaler_ridge``), not Adam at batch size 1 with early stopping (the loss is convex
   in ``W``; the ridge keeps it bounded when calibration is separable);
@@ -191,26 +194,32 @@ class SDM(Detector):
             raise ValueError(f"rescaler_ridge must be >= 0, got {self.rescaler_ridge!r}.")
 
     # ------------------------------------------------------------------ fit
-    def _fit(self, train: Features) -> None:
-        n = len(train)
+    def _fit(self, train: Features, calibration: Features | None = None) -> None:
+        """``calibration``: held-out labelled Features (the paper's calibration split, e.g.
+        ID validation data the network was not trained on). Then all of ``train`` is the
+        support set; without it ``train`` is split by ``calibration_fraction``."""
         c = int(train.logits.shape[1])
         if c < 2:
             raise ValueError("SDM needs logits over at least 2 classes.")
-        perm = np.random.default_rng(self.seed).permutation(n)
-        n_cal = int(round(self.calibration_fraction * n))
-        n_cal = min(max(n_cal, 1), n - 2)
-        cal, sup = perm[:n_cal], perm[n_cal:]
         feats = np.asarray(train.features, dtype=np.float64)
         logits = np.asarray(train.logits, dtype=np.float64)
         labels = train.labels
+        if calibration is None:
+            n = len(train)
+            perm = np.random.default_rng(self.seed).permutation(n)
+            n_cal = min(max(int(round(self.calibration_fraction * n)), 1), n - 2)
+            cal, sup = perm[:n_cal], perm[n_cal:]
+            cal_feats, z, y = feats[cal], logits[cal], labels[cal]
+            feats, logits, labels = feats[sup], logits[sup], labels[sup]
+        else:
+            cal_feats, z, y = self._calibration_arrays(calibration, train)
         self.num_classes_ = c
-        self.support_features_ = feats[sup]
-        self.support_pred_ = logits[sup].argmax(axis=1)
-        self.support_good_ = self.support_pred_ == labels[sup]
+        self.support_features_ = feats
+        self.support_pred_ = logits.argmax(axis=1)
+        self.support_good_ = self.support_pred_ == labels
 
-        y, z = labels[cal], logits[cal]
         pred = z.argmax(axis=1)
-        q, d0 = self._similarity(feats[cal], pred)
+        q, d0 = self._similarity(cal_feats, pred)
         keep = q > 0  # q = 0: no similar point, the distance quantile is undefined (OOD)
         self.d_cdf_, self.d_offsets_ = _grouped(d0[keep], y[keep], c)
         d = self._distance_quantile(d0)
@@ -225,6 +234,23 @@ class SDM(Detector):
         p_hat = sdm_activation(v @ self.rescaler_.T, soft)
         ood = (np.floor(soft) <= 0) | (p_hat.argmax(axis=1) != pred)
         self.thresholds_, self.min_qbin_, self.threshold_found_ = self._thresholds(p_hat, soft, y, ood)
+
+    def _calibration_arrays(self, cal, train: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        from ..features import as_features
+
+        cal = as_features(cal)
+        cal.require(self.fit_fields, "SDM.fit(calibration=...)")
+        self._check_finite(cal, self.fit_fields, "fit(calibration=...)")
+        for field in ("features", "logits"):
+            if getattr(cal, field).shape[1] != getattr(train, field).shape[1]:
+                raise ValueError(f"SDM.fit: calibration {field} have width {getattr(cal, field).shape[1]} but "
+                                 f"train {field} {getattr(train, field).shape[1]}; use Features of the same model.")
+        labels = np.asarray(cal.labels)
+        if len(cal) < 2 or labels.min() < 0 or labels.max() >= train.logits.shape[1]:
+            raise ValueError("SDM.fit: calibration needs at least 2 samples with in-distribution labels in "
+                             f"[0, {train.logits.shape[1]}); got {len(cal)} samples, labels "
+                             f"{labels.min() if len(cal) else None}..{labels.max() if len(cal) else None}.")
+        return (np.asarray(cal.features, dtype=np.float64), np.asarray(cal.logits, dtype=np.float64), labels)
 
     def _similarity(self, feats: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return similarity_distance(feats, pred, self.support_features_, self.support_good_,
