@@ -24,7 +24,7 @@ __all__ = [
     "register",
 ]
 
-FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm", "discopatch")
+FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm", "discopatch", "mol")
 _loaded = False
 
 
