@@ -158,9 +158,11 @@ def distill_student(teacher: Any, tokenizer: Any, texts: Sequence[str], config: 
         terms = distillation_terms(s_out, t_out, mask, projection, layers, temperature, n_best)
         n_tok = mask.sum()
         loss = (terms["kl"].sum() + hidden_weight * terms["hidden"].sum()) / n_tok
-        if lm_weight > 0:
-            labels = inp.masked_fill(mask == 0, -100)
-            loss = loss + lm_weight * student(input_ids=inp, attention_mask=mask, labels=labels).loss
+        if lm_weight > 0:  # the student's own next-token loss, from the same forward pass
+            labels = inp[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+            lm = torch.nn.functional.cross_entropy(s_out.logits[:, :-1].reshape(-1, s_out.logits.shape[-1]),
+                                                   labels.reshape(-1), ignore_index=-100)
+            loss = loss + lm_weight * lm
         if not torch.isfinite(loss):
             raise FloatingPointError(f"MLKD distillation diverged at step {len(losses) + 1}; lower lr.")
         opt.zero_grad()
