@@ -323,8 +323,9 @@ def test_gram_values_far_beyond_training_are_finite_or_refused(problem):
     far = _rescaled(problem.test_id[:20], 1e30).replace(head_weight=problem.test_id.head_weight)
     scores = det.score(far)  # Gram row sums grow as x^2: 1e60, finite in float64
     assert np.all(np.isfinite(scores)) and np.all(scores < det.score(problem.test_id[:20]).min())
-    with pytest.raises(ValueError, match="overflow float64"):
-        det.score(_rescaled(problem.test_id[:5], 1e200).replace(head_weight=problem.test_id.head_weight))
+    wide = problem.test_id[:5].replace(features=problem.test_id.features[:5].astype(np.float64))
+    with pytest.raises(ValueError, match="overflow float64"):  # 1e200 needs float64 features
+        det.score(_rescaled(wide, 1e200).replace(head_weight=problem.test_id.head_weight))
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -351,7 +352,10 @@ def test_float64_logits_and_their_float32_rounding_agree(name, logit_scale):
     (at logit scale 1e-4 float32 arithmetic made entropy/GEN scores rounding noise)."""
     rng = np.random.default_rng(0)
     logits = rng.normal(0.0, logit_scale, (400, 10))
-    train = Features(logits=logits, labels=logits.argmax(1))
+    # 30% of labels wrong: with every label = argmax, tempscale's fitted T runs to its lower
+    # bound and magnifies the rounding it is supposed to be compared against
+    labels = np.where(rng.random(400) < 0.7, logits.argmax(1), rng.integers(0, 10, 400))
+    train = Features(logits=logits, labels=labels)
     det = ood.create(name)
     det = det.fit(train) if det.fit_requirements() else det.fit()
     s64 = det.score(Features(logits=logits))
@@ -372,7 +376,9 @@ def test_a_batch_scores_as_its_rows_one_by_one(name):
         return
     batch = det.score(x)
     rows = np.concatenate([det.score(x[i]) for i in range(len(x))])
-    np.testing.assert_allclose(rows, batch, rtol=1e-5, atol=1e-6)
+    # float32 GEMMs (faiss) round a one-row query differently from a batch: ~1e-7 relative,
+    # which z-score fusion (ensemble) scales by 1/std of the member scores
+    np.testing.assert_allclose(rows, batch, rtol=1e-5, atol=1e-5 * max(float(np.ptp(batch)), 1e-12))
 
 
 def _check_stream(name, det, x):

@@ -240,3 +240,91 @@ def test_require_names_missing_and_present_fields():
     assert "'logits'" in msg.split("but")[1], "the message lists what is present"
     assert f.require(["logits", "labels", "temperature"]) is f
     assert f.has("temperature") and not f.has("model") and not f.has("head")
+
+
+# ------------------------------------------------------------------ damaged files
+def _npz_members(path):
+    with np.load(path, allow_pickle=False) as d:
+        return {k: d[k] for k in d.files}
+
+
+def _rewrite(path, **changes):
+    members = _npz_members(path)
+    members.update(changes)
+    members = {k: v for k, v in members.items() if v is not None}
+    np.savez(path, **members)
+
+
+def _meta(obj) -> np.ndarray:
+    raw = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return np.frombuffer(raw, dtype=np.uint8)
+
+
+_HEADER = {"format": "oodscope.Features", "version": 1, "meta": {}}
+
+DAMAGED_NPZ = {
+    "object array": (lambda p: _rewrite(p, logits=np.array([None, 1], dtype=object)),
+                     "object array"),
+    "unknown member": (lambda p: _rewrite(p, bogus=np.zeros(3)), "unknown member 'bogus'"),
+    "metadata not JSON": (lambda p: _rewrite(p, __meta__=_meta(b"{not json")), "not UTF-8 JSON"),
+    "metadata not UTF-8": (lambda p: _rewrite(p, __meta__=_meta(b"\xff\xfe\x00")), "not UTF-8 JSON"),
+    "metadata a list": (lambda p: _rewrite(p, __meta__=_meta([1, 2])), "not an oodscope Features"),
+    "meta not a dict": (lambda p: _rewrite(p, __meta__=_meta({**_HEADER, "meta": [1]})),
+                        "`meta` must be an object"),
+    "newer format": (lambda p: _rewrite(p, __meta__=_meta({**_HEADER, "version": 99})), "newer oodscope"),
+    "version not an int": (lambda p: _rewrite(p, __meta__=_meta({**_HEADER, "version": "1"})),
+                           "must be an integer"),
+    "metadata of floats": (lambda p: _rewrite(p, __meta__=np.zeros(4)), "not a byte string"),
+    "no metadata": (lambda p: _rewrite(p, __meta__=None), "no metadata"),
+    "truncated": (lambda p: p.write_bytes(p.read_bytes()[:-200]), "damaged|not a readable|truncated"),
+    "corrupt member": (lambda p: p.write_bytes(_flip_middle(p.read_bytes())), "damaged|not a readable"),
+    "plain npy named npz": (lambda p: np.save(open(p, "wb"), np.zeros((3, 2))), "not a zip archive"),
+    "empty file": (lambda p: p.write_bytes(b""), "not a zip archive"),
+    "wrong shapes": (lambda p: _rewrite(p, labels=np.zeros(7, dtype=np.int64)), "do not form valid Features"),
+}
+
+
+def _flip_middle(data: bytes) -> bytes:
+    data = bytearray(data)
+    data[len(data) // 3] ^= 0xFF
+    return bytes(data)
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_NPZ))
+def test_damaged_npz_is_a_clear_value_error(tmp_path, kind):
+    path = _features().save(tmp_path / "f.npz")
+    damage, message = DAMAGED_NPZ[kind]
+    damage(path)
+    with pytest.raises(ValueError, match=message) as err:
+        Features.load(path)
+    assert str(path) in str(err.value)
+
+
+DAMAGED_DIR = {
+    "meta.json not JSON": (lambda d: (d / "meta.json").write_text("{oops"), "not UTF-8 JSON"),
+    "meta.json a number": (lambda d: (d / "meta.json").write_text("3"), "not an oodscope Features"),
+    "unknown npy": (lambda d: np.save(d / "bogus.npy", np.zeros(3)), "unknown member 'bogus'"),
+    "stray file": (lambda d: (d / "notes.txt").write_text("x"), "unexpected file"),
+    "object npy": (lambda d: np.save(d / "logits.npy", np.array([None], dtype=object), allow_pickle=True),
+                   "object array"),
+    "truncated npy": (lambda d: (d / "features.npy").write_bytes((d / "features.npy").read_bytes()[:-50]),
+                      "cannot be read"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(DAMAGED_DIR))
+def test_damaged_directory_is_a_clear_value_error(tmp_path, kind):
+    path = _features().save(tmp_path / "fdir")
+    damage, message = DAMAGED_DIR[kind]
+    damage(path)
+    with pytest.raises(ValueError, match=message) as err:
+        Features.load(path)
+    assert str(path) in str(err.value)
+
+
+def test_meta_with_numpy_values_saves_as_plain_json(tmp_path):
+    f = _features(meta={"n": np.int64(3), "acc": np.float32(0.5), "ids": np.arange(3), "ok": np.bool_(True)})
+    back = Features.load(f.save(tmp_path / "m.npz"))
+    assert back.meta == {"n": 3, "acc": 0.5, "ids": [0, 1, 2], "ok": True}
+    with pytest.raises(ValueError, match=r"meta\['bad'\] has type object"):
+        _features(meta={"bad": object()}).save(tmp_path / "x.npz")

@@ -270,10 +270,13 @@ class Features:
     def save(self, path: str | Path) -> Path:
         """Write to ``path``: an ``.npz`` file, or a directory of ``.npy`` files + ``meta.json``
         when ``path`` has no ``.npz`` suffix (memory-mappable, for large feature banks).
-        Nothing is pickled."""
+        Nothing is pickled. ``meta`` must be JSON-able (numpy scalars and small arrays are
+        converted to plain numbers and lists)."""
         path = Path(path)
         arrays = self._arrays()
-        header = {"format": "oodscope.Features", "version": _FORMAT_VERSION, "meta": self.meta}
+        header = {"format": "oodscope.Features", "version": _FORMAT_VERSION,
+                  "meta": _jsonable(self.meta, "meta")}
+        text = json.dumps(header)
         if path.suffix != ".npz":
             path.mkdir(parents=True, exist_ok=True)
             # a field saved here earlier but absent now must not come back on load
@@ -283,10 +286,10 @@ class Features:
                     old.unlink()
             for k, v in arrays.items():
                 np.save(path / (k.replace("::", "__") + ".npy"), v, allow_pickle=False)
-            (path / "meta.json").write_text(json.dumps(header))
+            (path / "meta.json").write_text(text)
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays["__meta__"] = np.frombuffer(json.dumps(header).encode("utf-8"), dtype=np.uint8)
+        arrays["__meta__"] = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
         tmp = path.with_name(path.name + ".tmp.npz")
         np.savez(tmp, **arrays)
         tmp.replace(path)
@@ -294,41 +297,22 @@ class Features:
 
     @classmethod
     def load(cls, path: str | Path, mmap: bool = False) -> "Features":
-        """Read a file written by `save` (``allow_pickle=False``)."""
+        """Read a file written by `save` (``allow_pickle=False``).
+
+        Anything that is not such a file -- damaged, truncated, with unknown members, object
+        arrays or unreadable metadata -- is a ``ValueError`` naming the file and the problem.
+        """
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"No Features file at {path}.")
         if path.is_dir():
-            return cls._load_dir(path, mmap)
+            header, fields, extras = _read_dir(path, mmap)
+        else:
+            header, fields, extras = _read_npz(path, mmap)
         try:
-            data = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
-        except Exception as exc:  # zipfile / format errors
-            raise ValueError(f"{path} is not a readable Features .npz file: {exc}") from exc
-        with data:
-            if "__meta__" not in data.files:
-                raise ValueError(f"{path} was not written by Features.save (no metadata).")
-            header = json.loads(bytes(data["__meta__"]).decode("utf-8"))
-            if header.get("format") != "oodscope.Features":
-                raise ValueError(f"{path} is not an oodscope Features file.")
-            fields = {k: data[k] for k in ("logits", "features", "labels", "head_weight", "head_bias") if k in data.files}
-            extras = {k[len("extra::"):]: data[k] for k in data.files if k.startswith("extra::")}
-        return cls(**fields, extras=extras, meta=header.get("meta", {}))
-
-    @classmethod
-    def _load_dir(cls, path: Path, mmap: bool) -> "Features":
-        meta_file = path / "meta.json"
-        if not meta_file.exists():
-            raise ValueError(f"{path} is not a Features directory (no meta.json).")
-        header = json.loads(meta_file.read_text())
-        fields: dict[str, Any] = {}
-        extras: dict[str, np.ndarray] = {}
-        for f in sorted(path.glob("*.npy")):
-            arr = np.load(f, allow_pickle=False, mmap_mode="r" if mmap else None)
-            if f.stem.startswith("extra__"):
-                extras[f.stem[len("extra__"):]] = arr
-            else:
-                fields[f.stem] = arr
-        return cls(**fields, extras=extras, meta=header.get("meta", {}))
+            return cls(**fields, extras=extras, meta=header.get("meta", {}))
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"{path}: the saved arrays do not form valid Features: {exc}") from None
 
     def summary(self) -> str:
         parts = [f"n={len(self)}"]
@@ -340,6 +324,125 @@ class Features:
 
     def __repr__(self) -> str:  # dataclass repr would print whole arrays
         return self.summary()
+
+
+def _jsonable(value: Any, where: str) -> Any:
+    """``value`` with numpy scalars/arrays as plain Python; anything else JSON cannot hold
+    is a ValueError naming where it sits."""
+    if isinstance(value, Mapping):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise ValueError(f"Features.save: {where} has a non-string key {k!r}; JSON keys are strings.")
+            out[k] = _jsonable(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, np.ndarray):
+        if value.dtype.kind not in "biuf" or value.size > 10_000:
+            raise ValueError(f"Features.save: {where} is a {value.dtype} array of shape {value.shape}; "
+                             "metadata takes small numeric arrays only (store data in extras).")
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise ValueError(f"Features.save: {where} has type {type(value).__name__}, which JSON metadata cannot "
+                     "hold; use numbers, strings, lists and dicts.")
+
+
+def _header(raw: bytes, source: str) -> dict[str, Any]:
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{source}: its metadata is not UTF-8 JSON ({exc}).") from None
+    if not isinstance(header, dict) or header.get("format") != "oodscope.Features":
+        raise ValueError(f"{source} is not an oodscope Features file (metadata without "
+                         "format 'oodscope.Features').")
+    version = header.get("version")
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ValueError(f"{source}: metadata `version` must be an integer, got {version!r}.")
+    if version > _FORMAT_VERSION:
+        raise ValueError(f"{source} was written by a newer oodscope (format {version}; this one "
+                         f"reads up to {_FORMAT_VERSION}); upgrade oodscope.")
+    if not isinstance(header.get("meta", {}), dict):
+        raise ValueError(f"{source}: metadata `meta` must be an object, got "
+                         f"{type(header['meta']).__name__}.")
+    return header
+
+
+def _sort_members(names: Iterable[str], source: str) -> tuple[list[str], list[str]]:
+    """Split saved member names into fields and extras; an unknown member is an error."""
+    fields, extras = [], []
+    for name in names:
+        if name in _SAVED_FIELDS:
+            fields.append(name)
+        elif name.startswith(("extra::", "extra__")) and len(name) > 7:
+            extras.append(name)
+        else:
+            raise ValueError(f"{source}: unknown member {name!r} (a Features file holds "
+                             f"{', '.join(_SAVED_FIELDS)}, extra::<name> and its metadata).")
+    return fields, extras
+
+
+def _read_member(reader, name: str, source: str) -> np.ndarray:
+    try:
+        arr = reader(name)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc) or "Object arrays" in str(exc):
+            raise ValueError(f"{source}: member {name!r} is an object array, which is never "
+                             "unpickled; re-save it with a numeric dtype.") from None
+        raise ValueError(f"{source}: member {name!r} cannot be read ({exc}); the file is damaged "
+                         "or truncated.") from None
+    except Exception as exc:  # zip CRC / EOF / OS errors of a damaged member
+        raise ValueError(f"{source}: member {name!r} cannot be read ({type(exc).__name__}: {exc}); "
+                         "the file is damaged or truncated.") from None
+    if arr.dtype.hasobject:
+        raise ValueError(f"{source}: member {name!r} is an object array, which is never unpickled.")
+    return arr
+
+
+def _read_npz(path: Path, mmap: bool):
+    import zipfile
+
+    source = str(path)
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{source} is not a readable Features .npz file (not a zip archive; a plain "
+                         ".npy file or a damaged download?).")
+    try:
+        data = np.load(path, allow_pickle=False, mmap_mode="r" if mmap else None)
+    except Exception as exc:  # zipfile / format errors
+        raise ValueError(f"{source} is not a readable Features .npz file: {exc}") from None
+    if not hasattr(data, "files"):
+        raise ValueError(f"{source} is not a Features .npz archive.")
+    with data:
+        if "__meta__" not in data.files:
+            raise ValueError(f"{source} was not written by Features.save (no metadata).")
+        meta = _read_member(data.__getitem__, "__meta__", source)
+        if meta.dtype != np.uint8 or meta.ndim != 1:
+            raise ValueError(f"{source}: the metadata member is not a byte string.")
+        header = _header(meta.tobytes(), source)
+        fields, extras = _sort_members([f for f in data.files if f != "__meta__"], source)
+        return (header, {k: _read_member(data.__getitem__, k, source) for k in fields},
+                {k[len("extra::"):]: _read_member(data.__getitem__, k, source) for k in extras})
+
+
+def _read_dir(path: Path, mmap: bool):
+    meta_file = path / "meta.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{path} is not a Features directory (no meta.json).")
+    header = _header(meta_file.read_bytes(), str(meta_file))
+    others = sorted(p.name for p in path.iterdir() if p.name != "meta.json")
+    stray = [n for n in others if not n.endswith(".npy")]
+    if stray:
+        raise ValueError(f"{path}: unexpected file(s) {stray} in a Features directory.")
+    fields, extras = _sort_members([n[:-4] for n in others], str(path))
+
+    def read(stem: str) -> np.ndarray:
+        return np.load(path / f"{stem}.npy", allow_pickle=False, mmap_mode="r" if mmap else None)
+
+    return (header, {k: _read_member(read, k, str(path / f"{k}.npy")) for k in fields},
+            {k[len("extra__"):]: _read_member(read, k, str(path / f"{k}.npy")) for k in extras})
 
 
 def _same_array(a: np.ndarray | None, b: np.ndarray | None) -> bool:

@@ -185,12 +185,26 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
     monitor = guard.monitor(window=monitor_window, alert_level=alert_level)
     scorer = _Scorer(guard, max_rows, monitor)
     key = api_key.encode("utf-8") if api_key else None
+    drain_cap = max(4 * max_body_bytes, 16 << 20)
     app = FastAPI(title="oodscope guard", version=guard.info()["oodscope_version"],
                   docs_url=None, redoc_url=None)
     app.state.guard, app.state.monitor = guard, monitor
 
     def error(status: int, detail: str):
         return JSONResponse({"detail": detail}, status_code=status)
+
+    async def refuse(request: Request, status: int, detail: str):
+        # Read (and drop) what the client is still sending before answering, so it gets the
+        # error instead of a reset connection; past the cap the connection is simply closed.
+        drained = 0
+        try:
+            async for chunk in request.stream():
+                drained += len(chunk)
+                if drained > drain_cap:
+                    break
+        except Exception:  # the client went away: nothing left to answer
+            pass
+        return error(status, detail)
 
     @app.middleware("http")
     async def check_key(request: Request, call_next):
@@ -200,8 +214,8 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
             if given is None and auth.lower().startswith("bearer "):
                 given = auth[7:]
             if given is None or not hmac.compare_digest(given.encode("utf-8"), key):
-                return error(401, "missing or wrong API key (send it as X-API-Key or "
-                                  "Authorization: Bearer)")
+                return await refuse(request, 401, "missing or wrong API key (send it as "
+                                                  "X-API-Key or Authorization: Bearer)")
         return await call_next(request)
 
     @app.get("/health")
@@ -224,13 +238,14 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
     @app.post("/score")
     async def score(request: Request, field: str | None = None):
         length = request.headers.get("content-length")
+        too_big = f"the body exceeds the limit of {max_body_bytes} bytes"
         if length is not None and (not length.isdigit() or int(length) > max_body_bytes):
-            return error(413, f"the body exceeds the limit of {max_body_bytes} bytes")
+            return await refuse(request, 413, too_big)
         body = bytearray()
         async for chunk in request.stream():
             body += chunk
             if len(body) > max_body_bytes:
-                return error(413, f"the body exceeds the limit of {max_body_bytes} bytes")
+                return await refuse(request, 413, too_big)
         ctype = request.headers.get("content-type", "application/json").split(";")[0].strip().lower()
         try:
             if ctype == "application/json":

@@ -58,6 +58,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=200,
                    help="bootstrap resamples for the confidence intervals (0 = no intervals)")
     p.add_argument("--no-report", action="store_true", help="write results.csv/json but no report.html")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="save the detector that won on validation (highest ID-val vs val-OOD AUROC, "
+                        "never chosen on test OOD) as a calibrated guard in DIR, for `oodscope "
+                        "score` / `oodscope serve`; its threshold is calibrated on half of the "
+                        "test ID split and checked on the other half%(default).0s")
+    p.add_argument("--export-tpr", type=float, default=0.95, metavar="TPR",
+                   help="with --export: fraction of in-distribution inputs the guard accepts "
+                        "(default 0.95)")
     g = p.add_argument_group("provider options (passed to benchmarks that use them; a benchmark "
                              "that does not use a given option stops with an error)")
     g.add_argument("--data-root", default=None, metavar="DIR",
@@ -134,6 +142,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "list", False) or not (args.benchmark or args.compare_training):
         return _list()
     if args.compare_training:
+        if getattr(args, "export", None):
+            raise ValueError("--export saves a detector of one benchmark run; it does not apply "
+                             "to --compare-training.")
         try:
             compare = importlib.import_module("oodscope.train.compare")
         except ModuleNotFoundError as exc:
@@ -170,12 +181,31 @@ def run(args: argparse.Namespace) -> int:
         args.benchmark, args.detectors, seeds=_seeds(args.seeds), ood=args.ood,
         tune_params=not args.no_tune, full_spectrum=args.full_spectrum, ci=n_boot > 0,
         n_boot=max(n_boot, 1), provider_options=options, progress=True, out_dir=None,
+        keep_detectors=bool(args.export),
     )
     paths = res.write(out, report=not args.no_report)
     print_leaderboard(res)
     for kind, path in paths.items():
         print(f"{kind:5s} {path}")
+    if args.export:
+        _export(res, args.export, args.export_tpr, out)
     return 0
+
+
+def _export(res, target: str, tpr: float, out: Path) -> None:
+    import json
+
+    from .export import export_best
+
+    summary = export_best(res, target, tpr=tpr)
+    (out / "export.json").write_text(json.dumps(summary, indent=1))
+    ood = ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary["ood_acceptance"].items())
+    print(f"exported {summary['detector']} {summary['params']} (validation AUROC "
+          f"{100 * summary['val_auroc']:.2f}) to {summary['path']}")
+    print(f"  threshold {summary['threshold']:.6g} (calibrated on {summary['calibration_samples']} "
+          f"test-ID samples for TPR {tpr}); held-out ID accepted "
+          f"{100 * summary['held_out_id_acceptance']:.1f}%; OOD accepted: {ood}")
+    print(f"  serve it: oodscope serve {target}    (summary: {out / 'export.json'})")
 
 
 def print_leaderboard(res, file=None) -> None:

@@ -38,7 +38,7 @@ import numpy as np
 
 from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
-from ..metrics import accuracy, evaluate
+from ..metrics import accuracy, auroc, evaluate, fpr_at_95_tpr
 from .spec import BenchmarkDef, FeatureSet, get_benchmark
 from .tuning import _public_params, is_stateful, score_pair, tune
 
@@ -66,6 +66,10 @@ class BenchResult:
     info: dict[str, Any]
     scores: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     groups: dict[str, str] = field(default_factory=dict)  # ood set -> near/far/covariate
+    #: With ``keep_detectors=True``: the fitted detectors (chosen parameters) and the
+    #: FeatureSet of the first seed, for `oodscope.bench.export` (not written to disk).
+    detectors: dict[str, Detector] = field(default_factory=dict, repr=False)
+    feature_set: FeatureSet | None = field(default=None, repr=False)
 
     @property
     def results(self):
@@ -342,6 +346,7 @@ def run(
     default_detectors: Sequence[str] | None = None,
     model_tune_samples: int | None = 1000,
     keep_scores: bool = True,
+    keep_detectors: bool = False,
     progress: bool = True,
 ) -> BenchResult:
     """Fit, tune and score detectors on one `FeatureSet`; return a `BenchResult`.
@@ -350,6 +355,9 @@ def run(
     detector's defaults; ``full_spectrum=True`` adds rows (``mode="full-spectrum"``) where
     the covariate-shifted sets count as ID. ``model_tune_samples`` caps the validation
     samples used when tuning detectors that re-run the network (they are the slow ones).
+    Every detector's validation AUROC / FPR@95 (ID-val vs the validation OOD set, with the
+    chosen parameters) is recorded in ``tuning``; ``keep_detectors=True`` also keeps the
+    fitted detectors and the FeatureSet on the result (for `oodscope.bench.export`).
     """
     from tqdm.auto import tqdm
 
@@ -368,6 +376,7 @@ def run(
     tuning: dict[str, dict[str, Any]] = {}
     timings: list[dict[str, Any]] = []
     scores: dict[str, dict[str, np.ndarray]] = {}
+    kept: dict[str, Detector] = {}
     groups = {k: g for k, (g, _) in ood_sets.items()}
     groups.update({k: "covariate" for k in covariate})
 
@@ -389,16 +398,22 @@ def run(
                 t_tune = tr.fit_seconds + tr.score_seconds
                 t_fit = tr.fit_seconds / max(tr.n_fits, 1)  # one fit, for the breakdown
                 fitted, params = tr.detector, tr.best_params
+                best = next(c for c in tr.candidates if c.get("chosen"))
                 tuning[name] = {"params": params, "candidates": tr.candidates,
-                                "n_fits": tr.n_fits, "seconds": t_tune}
+                                "n_fits": tr.n_fits, "seconds": t_tune,
+                                "val_auroc": best["val_auroc"],
+                                "val_fpr_at_95_tpr": best["val_fpr_at_95_tpr"]}
             else:
                 t0 = time.perf_counter()
                 fitted = det.fit(fs.train if type(det).fit_fields is not None else None)
                 t_fit = time.perf_counter() - t0
                 params = _public_params(det.get_params())
+                v_id, v_ood = score_pair(fitted, vi, vo, seed)
                 tuning[name] = {"params": params, "candidates": [], "n_fits": 1,
                                 "seconds": 0.0, "note": "defaults (no search space)"
-                                if tune_params else "defaults (--no-tune)"}
+                                if tune_params else "defaults (--no-tune)",
+                                "val_auroc": float(auroc(v_id, v_ood)),
+                                "val_fpr_at_95_tpr": float(fpr_at_95_tpr(v_id, v_ood))}
             t0 = time.perf_counter()
             pair_id: dict[str, dict[str, np.ndarray]] = {}
             if is_stateful(fitted):
@@ -434,6 +449,8 @@ def run(
 
         timings.append({"detector": name, "seed": seed, "fit_s": t_fit, "tune_s": t_tune,
                         "score_s": t_score, "status": "ok", "uses_model": uses_model})
+        if keep_detectors:
+            kept[name] = fitted
         if keep_scores:
             scores[name] = {"test_id": s_id, **s_ood, **{f"{k} (as ID)": v for k, v in s_cov.items()}}
         modes = [("standard", s_id)]
@@ -467,7 +484,8 @@ def run(
         **{k: len(f) for k, f in covariate.items()},
     }
     info.update(full_spectrum=full_spectrum, tuned=tune_params, seed=seed, ci=ci, n_boot=n_boot)
-    return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups)
+    return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups,
+                       detectors=kept, feature_set=fs if keep_detectors else None)
 
 
 def _accuracy(f: Features) -> float | None:
@@ -554,7 +572,9 @@ def run_benchmark(
         results.append(run(fs, detectors, benchmark=name, ood=ood, tune_params=tune_params,
                            full_spectrum=full_spectrum, ci=ci, n_boot=n_boot, seed=s,
                            default_detectors=default, progress=progress,
-                           keep_scores=(s == seeds[0]), **run_kwargs))
+                           keep_scores=(s == seeds[0]),
+                           **{**run_kwargs, "keep_detectors": run_kwargs.get("keep_detectors", False)
+                              and s == seeds[0]}))
     res = results[0]
     for extra in results[1:]:
         res.rows += extra.rows
