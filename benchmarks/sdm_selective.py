@@ -9,7 +9,8 @@ and it calibrates on held-out ID data (Fashion-MNIST: the 5,000 validation image
 never trained on; CLINC150: the in-scope val split); ``--calibration split`` instead halves
 the training split. MSP, energy and KNN are shown beside it for reference.
 
-    OODSCOPE_DATA=../shared/data HF_HUB_OFFLINE=1 python benchmarks/sdm_selective.py [fmnist|clinc|both] [--calibration val|split]
+    OODSCOPE_DATA=../shared/data HF_HUB_OFFLINE=1 python benchmarks/sdm_selective.py [fmnist|clinc|both] \
+        [--calibration val|split] [--cache-dir DIR]
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ def _softmax_threshold(logits, labels, t=0.95):
     return float(keep.mean()), acc
 
 
+def _centroid(out):
+    return out.calibrated[np.arange(len(out.prediction)), out.prediction]
+
+
 def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "energy", "knn")):
     rows = {"dataset": name, "n_train": len(train), "n_test": len(test_id),
             "calibration": "split of train" if calibration is None else f"held out ({len(calibration)})"}
@@ -50,7 +55,7 @@ def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "ene
     rows["sdm_admitted_accuracy"] = (float(correct[out_id.admitted].mean()) if out_id.admitted.any() else None)
     rows["softmax_0.95_coverage"], rows["softmax_0.95_accuracy"] = _softmax_threshold(
         test_id.logits, test_id.labels)
-    scores = {"sdm": s_id}
+    scores = {"sdm": s_id, "sdm_centroid": _centroid(out_id)}  # p̂_lower (the paper's) and p̂
     dets = {b: ood.create(b).fit(train) for b in baselines}
     for b, d in dets.items():
         scores[b] = d.score(test_id)
@@ -62,7 +67,8 @@ def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "ene
         rows[f"sdm_admitted_{oname}"] = float(out_o.admitted.mean())
         rows[f"softmax_0.95_coverage_{oname}"] = _softmax_threshold(f.logits, np.full(len(f), -1))[0]
         for k in scores:
-            so = out_o.confidence if k == "sdm" else dets[k].score(f)
+            so = {"sdm": out_o.confidence, "sdm_centroid": _centroid(out_o)}.get(k)
+            so = dets[k].score(f) if so is None else so
             rows[f"auroc_{k}_{oname}"] = ood.metrics.auroc(scores[k], so)
             rows[f"fpr95_{k}_{oname}"] = ood.metrics.fpr_at_95_tpr(scores[k], so)
     return rows, scores, correct, out_id
@@ -77,10 +83,10 @@ def fashion_mnist(held_out=True):
                     {"mnist": s["mnist"], "fmnist_c3": s["fmnist_c3"]})
 
 
-def clinc(held_out=True):
+def clinc(held_out=True, cache_dir=None):
     from oodscope.text.benchmark import clinc150_provider
 
-    fs = clinc150_provider(finetune="none")
+    fs = clinc150_provider(finetune="none", cache_dir=cache_dir)
     return evaluate("clinc150", fs.train, fs.val_id if held_out else None, fs.test_id,
                     {"oos_test": fs.near_ood["clinc150_oos"]})
 
@@ -91,10 +97,12 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("which", nargs="?", default="both", choices=["fmnist", "clinc", "both"])
     ap.add_argument("--calibration", default="val", choices=["val", "split"])
+    ap.add_argument("--cache-dir", default=None, help="embedding cache for CLINC150 (reruns skip the encoder)")
     args = ap.parse_args()
     runs = {"fmnist": [fashion_mnist], "clinc": [clinc], "both": [fashion_mnist, clinc]}[args.which]
     for run in runs:
-        rows, scores, correct, out = run(held_out=args.calibration == "val")
+        kw = {"cache_dir": args.cache_dir} if run is clinc else {}
+        rows, scores, correct, out = run(held_out=args.calibration == "val", **kw)
         print(json.dumps(rows, indent=1))
         png = selective.risk_coverage_png(
             {k: (v, correct) for k, v in scores.items()}, title=f"{rows['dataset']}: risk-coverage",
