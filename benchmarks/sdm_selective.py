@@ -10,7 +10,7 @@ never trained on; CLINC150: the in-scope val split); ``--calibration split`` ins
 the training split. MSP, energy and KNN are shown beside it for reference.
 
     OODSCOPE_DATA=../shared/data HF_HUB_OFFLINE=1 python benchmarks/sdm_selective.py [fmnist|clinc|both] \
-        [--calibration val|split] [--cache-dir DIR]
+        [--calibration val|split] [--cache-dir DIR] [--distance-mode min|predicted]
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ def _centroid(out):
     return out.calibrated[np.arange(len(out.prediction)), out.prediction]
 
 
-def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "energy", "knn")):
+def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "energy", "knn"), **sdm_params):
     rows = {"dataset": name, "n_train": len(train), "n_test": len(test_id),
             "calibration": "split of train" if calibration is None else f"held out ({len(calibration)})"}
     correct = selective.correct_predictions(test_id.logits, test_id.labels)
     rows["accuracy"] = float(correct.mean())
     t = time.perf_counter()
-    det = ood.create("sdm").fit(train, calibration=calibration)
+    rows["sdm_params"] = sdm_params
+    det = ood.create("sdm", **sdm_params).fit(train, calibration=calibration)
     rows["sdm_fit_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
     out_id = det.predict(test_id)
@@ -74,21 +75,21 @@ def evaluate(name, train, calibration, test_id, ood_sets, baselines=("msp", "ene
     return rows, scores, correct, out_id
 
 
-def fashion_mnist(held_out=True):
+def fashion_mnist(held_out=True, **sdm_params):
     sys.path.insert(0, "benchmarks")
     from literature_features import splits
 
     s = splits()
     return evaluate("fashion-mnist", s["train"], s["val"] if held_out else None, s["test"],
-                    {"mnist": s["mnist"], "fmnist_c3": s["fmnist_c3"]})
+                    {"mnist": s["mnist"], "fmnist_c3": s["fmnist_c3"]}, **sdm_params)
 
 
-def clinc(held_out=True, cache_dir=None):
+def clinc(held_out=True, cache_dir=None, **sdm_params):
     from oodscope.text.benchmark import clinc150_provider
 
     fs = clinc150_provider(finetune="none", cache_dir=cache_dir)
     return evaluate("clinc150", fs.train, fs.val_id if held_out else None, fs.test_id,
-                    {"oos_test": fs.near_ood["clinc150_oos"]})
+                    {"oos_test": fs.near_ood["clinc150_oos"]}, **sdm_params)
 
 
 if __name__ == "__main__":
@@ -98,10 +99,12 @@ if __name__ == "__main__":
     ap.add_argument("which", nargs="?", default="both", choices=["fmnist", "clinc", "both"])
     ap.add_argument("--calibration", default="val", choices=["val", "split"])
     ap.add_argument("--cache-dir", default=None, help="embedding cache for CLINC150 (reruns skip the encoder)")
+    ap.add_argument("--distance-mode", default="min", choices=["min", "predicted"])
     args = ap.parse_args()
     runs = {"fmnist": [fashion_mnist], "clinc": [clinc], "both": [fashion_mnist, clinc]}[args.which]
     for run in runs:
         kw = {"cache_dir": args.cache_dir} if run is clinc else {}
+        kw["distance_mode"] = args.distance_mode
         rows, scores, correct, out = run(held_out=args.calibration == "val", **kw)
         print(json.dumps(rows, indent=1))
         png = selective.risk_coverage_png(

@@ -70,7 +70,11 @@ def test_distance_quantile_and_dkw_by_hand():
     det.num_classes_ = 2
     det.d_cdf_, det.d_offsets_ = np.array([1.0, 2.0, 3.0, 4.0, 2.0, 6.0]), np.array([0, 4, 6])
     # d0 = 2.5: class 0: 1 - 2/4 = 0.5; class 1: 1 - 1/2 = 0.5 -> 0.5; d0 = 0.5 -> 1; d0 = 7 -> 0
-    np.testing.assert_allclose(det._distance_quantile(np.array([2.5, 0.5, 7.0, 3.5])), [0.5, 1.0, 0.0, 0.25])
+    d0, pred = np.array([2.5, 0.5, 7.0, 3.5]), np.array([0, 1, 0, 1])
+    np.testing.assert_allclose(det._distance_quantile(d0, pred), [0.5, 1.0, 0.0, 0.25])
+    # "predicted": class 0 for 2.5 -> 0.5; class 1 for 0.5 -> 1; class 0 for 7 -> 0; class 1 for 3.5 -> 0.5
+    det.distance_mode = "predicted"
+    np.testing.assert_allclose(det._distance_quantile(d0, pred), [0.5, 1.0, 0.0, 0.5])
     det.alpha = 0.95
     det.qbin_cdf_, det.qbin_offsets_ = np.array([0.5, 1.0, 1.5, 2.0, 1.0]), np.array([0, 4, 5])
     eps = det._dkw_errors(np.array([1.7]), 1)
@@ -196,6 +200,7 @@ def test_persisted_state_round_trips(tmp_path):
     ({"alpha": 1.0}, "alpha"), ({"alpha": 0.3}, "alpha"), ({"calibration_fraction": 1.0}, "calibration_fraction"),
     ({"calibration_fraction": 1}, "calibration_fraction"), ({"max_q": 0}, "max_q"),
     ({"rescaler_iters": 2.5}, "rescaler_iters"), ({"rescaler_ridge": -1.0}, "rescaler_ridge"),
+    ({"distance_mode": "max"}, "distance_mode"),
 ])
 def test_bad_hyperparameters_raise(params, match):
     train, _, _ = _noisy_problem(n=50)
