@@ -1,6 +1,6 @@
 """Fashion-MNIST features for the issue-14 measurements (SDM, HVCM, ...), cached as .npz.
 
-Runs the reference CNN (`oodscope.models.reference_model("fashion-mnist")`, trained once and
+Runs the reference CNN (`oodscope.train.reference_model("fashion-mnist")`, trained once and
 cached) over the Fashion-MNIST training images it was trained on, its 5,000 held-out
 validation images, the Fashion-MNIST test set, the MNIST test set (far OOD) and
 Fashion-MNIST-C at a given corruption severity (covariate shift), and stores each split as
@@ -37,8 +37,9 @@ def build(out: Path = DEFAULT_OUT, severity: int = 3) -> dict[str, Features]:
     import torch
 
     from oodscope import data as D
-    from oodscope.bench.vision import FMNIST_MEAN, FMNIST_STD, model_normalization
-    from oodscope.models import reference_model
+    from oodscope.bench.extract import model_normalization
+    from oodscope.bench.vision import FMNIST_MEAN, FMNIST_STD
+    from oodscope.train import reference_model
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     net, meta = reference_model("fashion-mnist", train_if_missing=True)

@@ -40,7 +40,7 @@ def _model(args):
         from oodscope.models import load_checkpoint
 
         return load_checkpoint(args.model)
-    from oodscope.models import reference_model
+    from oodscope.train import reference_model
 
     return reference_model("fashion-mnist", cache_dir=args.cache_dir, train_if_missing=True)
 
@@ -101,19 +101,21 @@ def main(argv=None) -> int:
 
     from oodscope.bench.runner import run
     from oodscope.bench.spec import FeatureSet
-    from oodscope.bench.vision import _Extractor, fashion_mnist_splits
+    from oodscope.bench.extract import ImageExtractor
+    from oodscope.bench.spec import ProviderOptions
+    from oodscope.bench.vision import fashion_mnist_splits
     from oodscope.detectors import list_detectors
 
     net, meta = _model(args)
     norm = meta.get("normalization") or {}
     mean, std = norm.get("mean", 0.286), norm.get("std", 0.353)
-    splits = fashion_mnist_splits(meta, subset=args.subset)
+    splits = fashion_mnist_splits(ProviderOptions(subset=args.subset), meta)
     detectors = (args.detectors.split(",") if args.detectors
                  else list_detectors(requires=FEATURE_FIELDS))
 
     # (a) oodscope: one pass per split (no feature cache: we time the network), then the sweep
     t0 = time.perf_counter()
-    ex = _Extractor(net, mean, std, cache=None, progress=False)
+    ex = ImageExtractor(net, mean, std, ProviderOptions(progress=False), cache=False)
     fs = FeatureSet(
         train=ex("train", splits["train"]), val_id=ex("val_id", splits["val_id"]),
         val_ood=ex("val_ood", splits["val_ood"]), test_id=ex("test_id", splits["test_id"]),

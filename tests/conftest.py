@@ -186,6 +186,12 @@ def synthetic_detector_names() -> list[str]:
             if get_detector_class(n).all_requirements() <= SYNTHETIC_FIELDS]
 
 
+#: constructor arguments that keep a detector fast on the synthetic problem (test-only knowledge)
+TEST_PARAMS: dict[str, dict] = {
+    "ensemble": {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"},
+}
+
+
 def make_detector(name: str, problem: Problem, **params):
     """Create ``name`` with the extra constructor arguments some detectors need."""
     import oodscope as ood
@@ -194,6 +200,6 @@ def make_detector(name: str, problem: Problem, **params):
     cls = get_detector_class(name)
     if "model" in cls.all_requirements() and "model" not in params:
         params["model"] = problem.model
-    for key, value in getattr(cls, "test_params", {}).items():
+    for key, value in TEST_PARAMS.get(cls.name, {}).items():
         params.setdefault(key, value)
     return ood.create(name, **params)

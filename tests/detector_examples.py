@@ -112,12 +112,14 @@ def _mlkd_example():
 def has_example(name: str) -> bool:
     cls = get_detector_class(name)
     return (cls.all_requirements() <= SYNTHETIC_FIELDS or "image_embeds" in cls.requires
-            or name in ("abet", "lm_ratio", "mlkd"))
+            or name in ("abet", "lm_ratio", "mlkd") or name in TUNED_VLM)
 
 
 def fitted_example(name: str):
     """``(fitted detector, train Features or None, Features to score)``."""
     cls = get_detector_class(name)
+    if name in TUNED_VLM:
+        return _tuned_vlm_example(name)
     if "image_embeds" in cls.requires:
         return _clip_example(name)
     if name == "abet":
@@ -131,3 +133,68 @@ def fitted_example(name: str):
     train = p.train if cls.fit_fields is not None else None
     det.fit(train)
     return det, train, Features.concat([p.test_id[:40], p.test_ood[:40]])
+
+
+# ------------------------------------------------------------------ tuned / foundation VLM
+#: detectors scoring with arrays a tuning run produced (prompts=PromptResult)
+TUNED_VLM = ("lapt", "cma", "local_prompt", "krnft", "synood", "ants", "tagood")
+
+
+def _tuned_vlm_example(name):
+    from oodscope.vlm.prompts import PromptResult
+
+    if name == "tagood":
+        return _tagood_example()
+    text, neg, _, test_id, test_ood = _clip_space()
+    test = Features.concat([test_id, test_ood])
+    rng = np.random.default_rng(1)
+    d, words = text.shape[1], [f"n{i}" for i in range(len(neg))]
+    cfg = {"logit_scale": 100.0}
+    if name in ("lapt", "cma"):
+        res = PromptResult(name, [f"c{i}" for i in range(len(text))], {"id_text": text, "neg_text": neg}, words, cfg)
+        return ood.create(name, prompts=res, n_groups=2).fit(), None, test
+    if name == "local_prompt":
+        res = PromptResult(name, [f"c{i}" for i in range(len(text))],
+                           {"global_text": text, "local_text": _unit(text + 0.1 * rng.normal(size=text.shape)),
+                            "neg_local_text": neg[:6]}, config=cfg)
+        return ood.create(name, prompts=res, topk=3).fit(), None, test
+    if name == "krnft":
+        arrays = {"base_text": np.concatenate([text, neg])}
+        for part in ("id", "ood"):
+            arrays[f"{part}_scale"], arrays[f"{part}_shift"] = 1 + 0.05 * rng.normal(size=d), 0.02 * rng.normal(size=d)
+            for kind in ("scale", "shift"):
+                arrays[f"{part}_{kind}_w1"], arrays[f"{part}_{kind}_b1"] = rng.normal(size=(4, d)), rng.normal(size=4)
+                arrays[f"{part}_{kind}_w2"], arrays[f"{part}_{kind}_b2"] = 0.01 * rng.normal(size=(d, 4)), np.zeros(d)
+        res = PromptResult(name, [f"c{i}" for i in range(len(text))], arrays, words, cfg)
+        return ood.create(name, prompts=res, n_groups=2).fit(), None, test
+    if name == "synood":
+        arrays = {"id_text": text, "neg_text": neg, "proj_weight": 0.1 * rng.normal(size=(d, d)),
+                  "proj_bias": np.zeros(d), "ln_weight": np.full(d, 0.1), "ln_bias": np.zeros(d)}
+        res = PromptResult(name, [f"c{i}" for i in range(len(text))], arrays, words, cfg)
+        return ood.create(name, prompts=res, n_groups=2).fit(), None, test
+    arrays = {"id_text": text, "neg_text": neg, "far_text": _unit(neg[:20] + 0.2 * rng.normal(size=(20, d))),
+              "near_text": neg[20:30]}
+    res = PromptResult("ants", [f"c{i}" for i in range(len(text))], arrays, words,
+                       {"far_weight": 0.6, "group_len": 10, "temperature": 0.01})
+    return ood.create("ants", prompts=res).fit(), None, test
+
+
+def _tagood_example():
+    rng = np.random.default_rng(2)
+    c, p, d = 3, 6, 8
+    centres = rng.normal(size=(c, d)) * 2
+
+    def make(n, is_ood):
+        y = rng.integers(0, c, n)
+        mask = (rng.random((n, p)) < 0.7).astype(np.float32)
+        mask[:, 0] = 1.0
+        base = rng.normal(size=(n, 1, d)) * 2 if is_ood else centres[y][:, None, :]
+        tokens = ((base + 0.3 * rng.normal(size=(n, p, d))) * mask[..., None]).astype(np.float32)
+        conf = rng.uniform(0.2, 0.6, n) if is_ood else rng.uniform(0.6, 1.0, n)
+        return Features(labels=None if is_ood else y,
+                        extras={"tag_tokens": tokens, "tag_mask": mask, "tag_confidence": conf})
+
+    train = make(90, False)
+    test = Features.concat([make(20, False).replace(labels=None), make(20, True)])
+    det = ood.create("tagood", hidden=16, layers=1, heads=2, n_patterns=2, epochs=5, batch_size=32, lr=3e-3)
+    return det.fit(train), train, test

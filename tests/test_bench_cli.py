@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import json
 
-from oodscope.bench.spec import register_benchmark
+from oodscope.bench import BenchmarkSpec, register_benchmark
 from oodscope.cli import build_parser, main
 
 from test_bench_runner import _feature_set
 
 _CALLS = []
+_GROUPS = dict(near=["near-blend"], far=["far-noise"], covariate=["scaled"])
 
 
-def _provider(seed=0, subset=None, ood=None, fields=None):
-    _CALLS.append({"seed": seed, "subset": subset, "fields": fields})
-    return _feature_set(seed=seed, n=subset or 150)
+def _provider(spec, options):
+    _CALLS.append({"seed": options.seed, "subset": options.subset, "fields": options.fields})
+    return _feature_set(seed=options.seed, n=options.subset or 150)
 
 
-register_benchmark("synthetic-test", _provider, "synthetic Gaussian classes (tests only)",
-                   ood_names=["near-blend", "far-noise", "scaled"])
+register_benchmark(BenchmarkSpec("synthetic-test", "synthetic Gaussian classes (tests only)", _provider, **_GROUPS))
 
 
 def test_bench_cli_end_to_end(tmp_path, capsys):
@@ -54,7 +54,8 @@ def test_bench_cli_help_lists_every_option():
     for opt in ("--model", "--ood", "--detectors", "--out", "--seeds", "--no-tune", "--full-spectrum",
                 "--subset", "--cache-dir", "--quick", "--encoder", "--finetune", "--vlm",
                 "--compare-training", "--data-root", "--class-names", "--epochs", "--train-size",
-                "--batch-size", "--lr"):
+                "--batch-size", "--lr", "--data", "--text-column", "--label-column", "--oos-label", "--id",
+                "--near"):
         assert opt in help_text
     # every option is explained
     for action in sub._actions:
@@ -70,26 +71,25 @@ def test_compare_training_without_module(monkeypatch, capsys):
     real = importlib.import_module
 
     def fake(name, *a, **k):
-        if name == "oodscope.train.compare":
+        if name == "oodscope.bench.compare":
             raise ModuleNotFoundError(name=name)
         return real(name, *a, **k)
 
     monkeypatch.setattr(importlib, "import_module", fake)
     rc = main(["bench", "fashion-mnist", "--compare-training", "ce,oe"])
-    assert rc == 2 and "oodscope.train.compare" in capsys.readouterr().err
+    assert rc == 2 and "oodscope.bench.compare" in capsys.readouterr().err
 
 
 _OPTS = []
 
 
-def _provider_with_options(seed=0, subset=None, ood=None, fields=None, data_root=None, vlm=None,
-                           class_names=None):
-    _OPTS.append({"data_root": data_root, "vlm": vlm, "class_names": class_names})
-    return _feature_set(seed=seed, n=subset or 150)
+def _provider_with_options(spec, options):
+    _OPTS.append({"data_root": options.data_root, "vlm": options.vlm, "class_names": options.class_names})
+    return _feature_set(seed=options.seed, n=options.subset or 150)
 
 
-register_benchmark("synthetic-options", _provider_with_options, "synthetic (tests only)",
-                   ood_names=["near-blend", "far-noise", "scaled"])
+register_benchmark(BenchmarkSpec("synthetic-options", "synthetic (tests only)", _provider_with_options,
+                                 options={"data_root", "vlm", "class_names"}, **_GROUPS))
 
 
 def test_bench_cli_passes_data_root_and_class_names(tmp_path, capsys):
@@ -99,7 +99,7 @@ def test_bench_cli_passes_data_root_and_class_names(tmp_path, capsys):
                "--data-root", str(tmp_path), "--vlm", "hf:x", "--class-names", str(names),
                "--out", str(tmp_path / "o")])
     assert rc == 0
-    assert _OPTS[-1] == {"data_root": str(tmp_path), "vlm": "hf:x", "class_names": ["cat", "dog house"]}
+    assert _OPTS[-1] == {"data_root": tmp_path, "vlm": "hf:x", "class_names": ("cat", "dog house")}
     capsys.readouterr()
     # options a benchmark does not take are errors, as are training options without the comparison
     rc = main(["bench", "synthetic-test", "--data-root", str(tmp_path), "--out", str(tmp_path / "p")])
@@ -115,9 +115,9 @@ def test_compare_training_gets_the_training_options(monkeypatch):
     import sys
 
     seen = {}
-    fake = types.ModuleType("oodscope.train.compare")
+    fake = types.ModuleType("oodscope.bench.compare")
     fake.run_comparison = lambda args: seen.update(vars(args)) or 0
-    monkeypatch.setitem(sys.modules, "oodscope.train.compare", fake)
+    monkeypatch.setitem(sys.modules, "oodscope.bench.compare", fake)
     rc = main(["bench", "--compare-training", "ce,oe", "--epochs", "2", "--train-size", "500",
                "--batch-size", "64", "--lr", "0.01"])
     assert rc == 0

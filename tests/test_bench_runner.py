@@ -213,9 +213,9 @@ def test_model_detectors_get_the_model_and_others_do_not(fs):
 def test_seeds_call_provider_per_seed():
     seen = []
 
-    def provider(seed=0):
-        seen.append(seed)
-        return _feature_set(seed=seed, n=120)
+    def provider(spec, options):
+        seen.append(options.seed)
+        return _feature_set(seed=options.seed, n=120)
 
     res = run_benchmark(provider, ["msp"], seeds=[0, 1], ci=False, progress=False)
     assert seen == [0, 1]
@@ -247,30 +247,18 @@ def test_tune_survives_failing_candidates_and_prefers_defaults_on_ties():
         tune(Picky(), fs.train, fs.val_id, fs.val_ood, search_space={"sign": [5.0, 6.0]})
 
 
-def test_fast_bootstrap_matches_core_metrics():
-    """The O(n)-per-replicate bootstrap uses exactly the definitions of oodscope.metrics."""
+def test_runner_intervals_are_the_metrics_bootstrap(fs):
+    """The runner's intervals come from `oodscope.metrics.bootstrap_replicates`: for a group
+    with one OOD set they equal `evaluate(ci=True)` with the run's seed and resamples."""
     from oodscope import metrics as M
-    from oodscope.bench.runner import _curve_metrics, _weighted_curves, bootstrap_replicates
 
-    rng = np.random.default_rng(0)
-    for trial in range(60):
-        na, nb = rng.integers(1, 40, 2)
-        a, b = np.round(rng.normal(1, 1, na), 1), np.round(rng.normal(0, 1, nb), 1)
-        if trial % 5 == 0:
-            a[:] = 0.3  # heavy ties
-        s = np.concatenate([a, b])
-        order = np.argsort(-s, kind="mergesort")
-        ends = np.r_[np.nonzero(np.diff(s[order]))[0], s.size - 1]
-        tp, fp = _weighted_curves(order < na, ends, np.ones(s.size))
-        for m, v in _curve_metrics(tp, fp, na, nb).items():
-            assert v == pytest.approx(M.METRICS[m](a, b), abs=1e-12), m
-    a, b = rng.normal(1, 1, 2000), rng.normal(0, 1, 2000)
-    reps = bootstrap_replicates(a, [b], 300, seed=1)
-    ref = M.evaluate(a, b, ci=True, n_boot=300, seed=2)
-    for m in ("auroc", "fpr_at_95_tpr", "aupr_in", "aupr_out"):
-        lo, hi = np.quantile(reps[m][:, 0], [0.025, 0.975])
-        width = ref[f"{m}_hi"] - ref[f"{m}_lo"]
-        assert abs(lo - ref[f"{m}_lo"]) < 0.25 * width and abs(hi - ref[f"{m}_hi"]) < 0.25 * width
+    res = run(fs, ["energy"], tune_params=False, n_boot=40, seed=3, progress=False)
+    row = res.results.query("ood_set == 'near-blend'").iloc[0]
+    s = res.scores["energy"]
+    ref = M.evaluate(s["test_id"], s["near-blend"], ci=True, n_boot=40, seed=3)
+    for m in M.CI_METRICS:
+        assert row[m] == ref[m]
+        assert (row[f"{m}_lo"], row[f"{m}_hi"]) == (ref[f"{m}_lo"], ref[f"{m}_hi"])
 
 
 # --------------------------------------------------------------------------- stateful detectors
@@ -341,7 +329,7 @@ def test_stateful_detectors_are_reset_and_scored_as_mixed_streams():
 
 
 def test_bootstrap_accepts_per_ood_id_scores():
-    from oodscope.bench.runner import bootstrap_replicates
+    from oodscope.metrics import bootstrap_replicates
 
     rng = np.random.default_rng(1)
     a, b = rng.normal(1, 1, 50), rng.normal(0, 1, 40)

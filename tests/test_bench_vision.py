@@ -5,8 +5,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from oodscope.bench.runner import run, run_benchmark
-from oodscope.bench.vision import OPENOOD_PROTOCOLS, box_blur, fashion_mnist, patch_shuffle
+from oodscope.bench import ProviderOptions, get_benchmark
+from oodscope.bench.openood import OPENOOD_PROTOCOLS
+from oodscope.bench.runner import resolve, run, run_benchmark
+from oodscope.bench.vision import build_fashion_mnist, build_openood
+from oodscope.data import box_blur, patch_shuffle
+
+
+def fashion_mnist(val_size=5000, **options):
+    return build_fashion_mnist(get_benchmark("fashion-mnist").with_params(val_size=val_size),
+                               ProviderOptions(**options))
+
+
+def openood(name, **options):
+    return build_openood(get_benchmark(name), ProviderOptions(**options))
 
 
 def test_patch_shuffle_and_blur_keep_pixels_but_destroy_shape():
@@ -53,7 +65,7 @@ def test_fashion_mnist_end_to_end(tiny_net, tmp_path):
     assert "fashion-mnist-c" in fs.covariate
     assert len(fs.train) == 400 and len(fs.val_id) == 400 and len(fs.val_ood) == 400
     assert "inputs" not in fs.fields()  # not asked for, not stored
-    assert fs.info["val_ood_description"] and set(fs.info["timings"]) >= {"train", "test_id", "mnist"}
+    assert set(fs.info["timings"]) >= {"train", "test_id", "mnist"}
     # kmnist / notmnist are not in the shared data: skipped with a note, not an error
     assert any("kmnist" in n for n in fs.info["notes"])
     res = run(fs, ["msp", "energy", "gradnorm"], benchmark="fashion-mnist", n_boot=10,
@@ -92,8 +104,6 @@ def test_fashion_mnist_errors(tiny_net, tmp_path):
 
 @pytest.mark.parametrize("name", sorted(OPENOOD_PROTOCOLS))
 def test_openood_protocols_fail_clearly_without_data(name, tmp_path):
-    from oodscope.bench.vision import openood
-
     with pytest.raises(ValueError, match="--model"):
         openood(name, data_root=tmp_path)
     with pytest.raises(FileNotFoundError) as exc:
@@ -116,7 +126,7 @@ def test_openood_protocol_definitions_match_anchors():
 
 
 def test_model_normalization_reads_reference_meta_and_plain_keys():
-    from oodscope.bench.vision import model_normalization
+    from oodscope.bench.extract import model_normalization
 
     assert model_normalization({"normalization": {"mean": [0.1], "std": [0.2]}}, 0.5, 0.6) == ([0.1], [0.2])
     assert model_normalization({"mean": 0.3, "std": 0.4}, 0.5, 0.6) == (0.3, 0.4)
@@ -124,35 +134,24 @@ def test_model_normalization_reads_reference_meta_and_plain_keys():
     assert model_normalization(None, 0.5, 0.6) == (0.5, 0.6)
 
 
-def test_openood_with_vlm_delegates_to_the_vlm_provider(monkeypatch, tmp_path):
-    import oodscope.vlm.benchmark as vb
-    from oodscope.bench.vision import openood
-
-    seen = {}
-
-    def fake(protocol, **kw):
-        seen.update(kw, protocol=protocol)
-        return "features"
-
-    monkeypatch.setattr(vb, "openood_vlm", fake)
-    out = openood("imagenet", vlm="hf:some/clip", class_names=["a", "b"], data_root=tmp_path,
-                  subset=7, seed=3, ood=["ninco"], fields={"image_embeds"}, progress=False)
-    assert out == "features"
-    assert seen["protocol"] == "imagenet" and seen["vlm"] == "hf:some/clip"
-    assert seen["class_names"] == ["a", "b"] and seen["data_root"] == tmp_path
-    assert seen["subset"] == 7 and seen["seed"] == 3 and seen["ood"] == ["ninco"]
+def test_openood_with_vlm_runs_its_clip_twin():
+    spec = resolve("imagenet", ProviderOptions(vlm="hf:some/clip", class_names=["a", "b"]))
+    assert spec.name == "imagenet-vlm" and spec.params["protocol"] == "imagenet"
+    assert spec.near == get_benchmark("imagenet").near and spec.far == get_benchmark("imagenet").far
+    assert resolve("imagenet", ProviderOptions(model="m.pt")).name == "imagenet"
     with pytest.raises(ValueError, match="not both"):
-        openood("imagenet", vlm="hf:x", model="m.pt", data_root=tmp_path)
+        resolve("imagenet", ProviderOptions(vlm="hf:x", model="m.pt"))
     with pytest.raises(ValueError, match="--vlm"):
-        openood("imagenet", model="m.pt", class_names=["a"], data_root=tmp_path)
+        resolve("imagenet", ProviderOptions(model="m.pt", class_names=["a"]))
+    with pytest.raises(ValueError, match="--encoder"):
+        resolve("imagenet", ProviderOptions(encoder="x"))
 
 
 def test_bench_imagenet_with_vlm_fails_on_missing_data_before_loading_the_model(tmp_path, capsys):
-    from oodscope.bench.vision import VLM_DEFAULT_DETECTORS
+    from oodscope.bench.catalog import VLM_DETECTORS
     from oodscope.cli import main
-    from oodscope.vlm.benchmark import VLM_DETECTORS
 
-    assert list(VLM_DEFAULT_DETECTORS) == list(VLM_DETECTORS)
+    assert get_benchmark("imagenet-vlm").default_detectors == VLM_DETECTORS
     # the model spec does not exist: reaching the loader would give a different error
     rc = main(["bench", "imagenet", "--vlm", "hf:/no/such/clip", "--data-root", str(tmp_path),
                "--out", str(tmp_path / "out")])
@@ -167,7 +166,7 @@ def test_fashion_mnist_uses_the_checkpoints_held_out_indices_as_id_val():
     from oodscope.bench.vision import fashion_mnist_splits
 
     held = np.arange(3, 303, 3)
-    sp = fashion_mnist_splits({"val_indices": held.tolist()}, seed=0, subset=None, ood=["gaussian-noise"],
+    sp = fashion_mnist_splits(ProviderOptions(ood=["gaussian-noise"]), {"val_indices": held.tolist()},
                               noise_size=10)
     train_all = D.load("fashion-mnist", "train")
     np.testing.assert_array_equal(sp["val_id"].images, train_all.images[held])

@@ -8,12 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from oodscope.bench.classsplit import FMNIST_CLASSES, NEAR_NAME, SPLITS, fashion_mnist_split, split_datasets
+from oodscope.bench import ProviderOptions
+from oodscope.bench.classsplit import FMNIST_CLASSES, NEAR_NAME, SPLITS, class_split_features
+from oodscope.bench.classsplit import split_datasets as _split_datasets
 from oodscope.train import create_objective, fit
-from oodscope.train.compare import TrainBudget, compare_training, run_comparison
+from oodscope.bench.compare import TrainBudget, compare_training, run_comparison
 from oodscope.train.outliers import check_no_leak, get_outlier_source
 
 MEAN, STD = 0.286, 0.353
+
+
+def split_datasets(split, seed=0, subset=None, **kw):
+    return _split_datasets(split, ProviderOptions(seed=seed, subset=subset), **kw)
+
+
+def fashion_mnist_split(data, net, **options):
+    return class_split_features(data, net, {}, "the test network", ProviderOptions(**options))
 
 
 @pytest.fixture(scope="module")
@@ -86,15 +96,14 @@ def test_provider_returns_near_and_far_sets(split_data, tmp_path):
 
     torch.manual_seed(0)
     net = create("small_cnn", num_classes=6, in_channels=1, width=8, feature_dim=16)
-    fs = fashion_mnist_split(0, net=net, data=split_data, fields={"logits", "features"}, progress=False,
-                             cache_dir=tmp_path)
+    fs = fashion_mnist_split(split_data, net, fields={"logits", "features"}, progress=False, cache_dir=tmp_path)
     assert set(fs.near_ood) == {NEAR_NAME} and set(fs.far_ood) == {"mnist"}
     assert len(fs.val_ood) == len(fs.val_id) == 80
     assert fs.info["test_ood_sources"][NEAR_NAME] == "fashion-mnist"
     assert fs.info["held_out_classes"] == [FMNIST_CLASSES[c] for c in SPLITS[0]]
     with pytest.raises(ValueError, match="classes"):
-        fashion_mnist_split(0, net=create("small_cnn", num_classes=10, width=8, feature_dim=16),
-                            data=split_data, progress=False)
+        fashion_mnist_split(split_data, create("small_cnn", num_classes=10, width=8, feature_dim=16),
+                            progress=False)
 
 
 @pytest.mark.requires_data("fashion-mnist", "mnist:test")

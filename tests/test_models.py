@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import oodscope
-from oodscope import models
+from oodscope import models, train
 
 
 def test_small_cnn_shapes_and_extract():
@@ -109,9 +109,9 @@ def test_adapt_user_model():
 
 def test_reference_model_missing_without_training(tmp_path):
     with pytest.raises(FileNotFoundError, match="train_if_missing"):
-        models.reference_model("fashion-mnist", cache_dir=tmp_path, train_if_missing=False)
+        train.reference_model("fashion-mnist", cache_dir=tmp_path, train_if_missing=False)
     with pytest.raises(ValueError, match="No reference recipe"):
-        models.reference_model("imagenet", cache_dir=tmp_path, train_if_missing=False)
+        train.reference_model("imagenet", cache_dir=tmp_path, train_if_missing=False)
 
 
 @pytest.mark.slow
@@ -120,7 +120,7 @@ def test_reference_model_reaches_91_percent():
     from oodscope import data
     from oodscope.train.loop import evaluate
 
-    net, meta = models.reference_model("fashion-mnist", progress=False)
+    net, meta = train.reference_model("fashion-mnist", progress=False)
     test = data.load("fashion-mnist", "test")
     norm = meta["normalization"]
     acc = evaluate(net, data.loader(test, 1000, mean=norm["mean"], std=norm["std"]))["accuracy"]
@@ -129,13 +129,13 @@ def test_reference_model_reaches_91_percent():
     # trained on 55,000 images; the other 5,000 (500 per class) are the benchmark's ID-val
     val = np.asarray(meta["val_indices"])
     assert meta["train_size"] == 55_000 and len(val) == 5000 and len(np.unique(val)) == 5000
-    train = data.load("fashion-mnist", "train")
-    assert np.all(np.bincount(train.labels[val], minlength=10) == 500)
+    train_split = data.load("fashion-mnist", "train")
+    assert np.all(np.bincount(train_split.labels[val], minlength=10) == 500)
 
 
 # ---------------------------------------------------------------- held-out validation images
 def test_holdout_split_disjoint_stratified_deterministic():
-    from oodscope.models.reference import holdout_split
+    from oodscope.train.reference import holdout_split
 
     labels = np.repeat(np.arange(4), [50, 30, 15, 5])
     np.random.default_rng(1).shuffle(labels)
@@ -158,7 +158,7 @@ def test_holdout_split_disjoint_stratified_deterministic():
 
 
 def test_fashion_mnist_recipe_holds_out_5000():
-    from oodscope.models.reference import RECIPES, _recipe_hash
+    from oodscope.train.reference import RECIPES, _recipe_hash
 
     assert RECIPES["fashion-mnist"]["val_holdout"] == 5000
     assert _recipe_hash(RECIPES["fashion-mnist"]) != _recipe_hash(
@@ -170,7 +170,7 @@ def test_reference_model_trains_without_held_out_images(tmp_path, monkeypatch):
     ``meta["val_indices"]``, and the indices survive the JSON checkpoint."""
     from oodscope import data as odata
     from oodscope.data import ImageDataset
-    from oodscope.models import reference
+    from oodscope.train import reference
     from oodscope.train import loop
 
     n = 120

@@ -408,7 +408,9 @@ def test_energy_oe_is_scored_with_energy_and_heads_expose_their_sizes():
 
 
 def test_heads_survive_a_checkpoint_round_trip(tmp_path):
-    from oodscope.models import create, load_checkpoint, save_checkpoint
+    from oodscope import models
+    from oodscope.models import create, save_checkpoint
+    from oodscope.train import load_checkpoint
 
     for method in ("abet", "ascood"):
         net = create("small_cnn", num_classes=C, width=8, feature_dim=16)
@@ -422,6 +424,9 @@ def test_heads_survive_a_checkpoint_round_trip(tmp_path):
         a = a["logits"] if isinstance(a, dict) else a
         b = b["logits"] if isinstance(b, dict) else b
         assert torch.allclose(a, b)
+        # without the objective's replay the extended network cannot be rebuilt: a clear error
+        with pytest.raises(ValueError, match="oodscope.train.load_checkpoint"):
+            models.load_checkpoint(path)
 
 
 def test_ascood_shuffle_moves_whole_pixels_of_colour_images():

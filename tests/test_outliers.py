@@ -110,9 +110,9 @@ def test_objectives_that_need_outliers_refuse_missing_empty_or_misshapen_ones():
 
 
 def _benchmark_test_ood(name):
-    from oodscope.bench.spec import get_benchmark
+    from oodscope.bench import get_benchmark
 
-    names = get_benchmark(name).options.get("ood_names") or []
+    names = get_benchmark(name).ood_names
     sources = {n: n for n in names}
     if name.startswith("fashion-mnist-split"):
         from oodscope.bench.classsplit import TEST_OOD_SOURCES

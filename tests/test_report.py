@@ -44,3 +44,21 @@ def test_report_has_no_external_assets(result, tmp_path):
     assert "<script" not in html
     assert not re.search(r'(src|href)="(https?:)?//', html)
     assert "<link" not in html
+
+
+def test_report_shows_accuracy_under_covariate_shift_beside_detection():
+    from oodscope.generalization import shift_accuracies
+    from oodscope.metrics import accuracy, auroc
+
+    fs = _feature_set()
+    res = run(fs, ["msp", "knn"], ci=False, full_spectrum=True, progress=False)
+    gen = res.info["generalization"]
+    assert gen["accuracy"] == shift_accuracies(fs.test_id, fs.covariate)
+    assert gen["accuracy"]["scaled"] == pytest.approx(accuracy(fs.covariate["scaled"].logits,
+                                                               fs.covariate["scaled"].labels))
+    html = render_report(res)
+    assert 'id="generalization"' in html and "relative robustness" in html
+    shift_auc = auroc(res.scores["knn"]["test_id"], res.scores["knn"]["scaled (as ID)"])
+    assert f"{100 * shift_auc:.1f}" in html.split('id="generalization"')[1].split("<h2")[0]
+    # without --full-spectrum there are no shifted-set scores: the section says how to get them
+    assert "--full-spectrum" in render_report(run(fs, ["msp"], ci=False, progress=False))

@@ -18,7 +18,6 @@ import pytest
 pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 
-import oodscope as ood
 from oodscope import Features
 from oodscope.guard import Guard
 from oodscope.serve import create_app

@@ -10,8 +10,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from oodscope.bench.spec import get_benchmark, list_benchmarks
-from oodscope.text.benchmark import clinc150_provider, parse_finetune
+from oodscope.bench import ProviderOptions, get_benchmark, list_benchmarks
+from oodscope.bench.text import build_text, parse_finetune
 from oodscope.text.encoders import TextEncoder
 
 
@@ -42,6 +42,10 @@ class BagOfWordsEncoder(TextEncoder):
                 rng = np.random.default_rng(sum(map(ord, w)) * 7919 + len(w))
                 out[i] += rng.standard_normal(self.dim)
         return out / np.linalg.norm(out, axis=1, keepdims=True)
+
+
+def clinc150_provider(**options):
+    return build_text(get_benchmark("clinc150"), ProviderOptions(**options))
 
 
 @pytest.fixture()
@@ -75,8 +79,8 @@ def test_provider_builds_featureset(tiny_clinc):
 
 def test_registered_and_runs_through_runner(tiny_clinc):
     assert "clinc150" in list_benchmarks()
-    bd = get_benchmark("clinc150")
-    assert "energy" in bd.default_detectors
+    spec = get_benchmark("clinc150")
+    assert "energy" in spec.default_detectors and spec.near == ("clinc150_oos",)
     from oodscope.bench.runner import run
 
     fs = clinc150_provider(encoder=BagOfWordsEncoder(), cache_dir=tiny_clinc / "cache")

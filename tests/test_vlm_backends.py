@@ -359,13 +359,13 @@ def _make_folders(root: Path) -> tuple[Path, dict[str, Path]]:
 
 
 def test_vlm_imagefolder_benchmark_runs(tiny, tmp_path):
+    from oodscope.bench import ProviderOptions, get_benchmark
     from oodscope.bench.runner import run_benchmark
-    from oodscope.bench.spec import get_benchmark
+    from oodscope.bench.clip import build_imagefolder_clip
 
     id_dir, ood_dirs = _make_folders(tmp_path)
-    fs = get_benchmark("vlm-imagefolder").provider(
-        vlm=tiny["enc"], id_dir=id_dir, ood_dirs=ood_dirs, cache_dir=tmp_path / "cache",
-        progress=False)
+    fs = build_imagefolder_clip(get_benchmark("vlm-imagefolder").with_params(id_dir=id_dir, ood_dirs=ood_dirs),
+                                ProviderOptions(vlm=tiny["enc"], cache_dir=tmp_path / "cache", progress=False))
     assert fs.info["class_names"] == ["blue thing", "green thing", "red thing"]
     assert len(fs.train) + len(fs.val_id) + len(fs.test_id) == 30
     assert {"image_embeds", "local_embeds"} <= fs.fields()
@@ -378,16 +378,25 @@ def test_vlm_imagefolder_benchmark_runs(tiny, tmp_path):
     ok = {r["detector"] for r in res.rows if r.get("status", "ok") in ("ok", None, "") and r.get("auroc") is not None}
     assert {"mcm", "glmcm", "neglabel", "adaneg"} <= ok, res.rows
     assert "cooked" in res.skipped and "logits" in res.skipped["cooked"]
+    # the same benchmark from the command line
+    from oodscope.cli import main
+
+    out = tmp_path / "cli"
+    rc = main(["bench", "vlm-imagefolder", "--vlm", f"hf:{tiny['dir']}", "--id", str(id_dir),
+               "--ood", str(ood_dirs["noise"]), "--detectors", "mcm", "--no-tune", "--n-boot", "0",
+               "--no-report", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
+    assert rc == 0 and "noise" in (out / "results.csv").read_text()
 
 
 def test_vlm_benchmarks_are_registered_and_need_a_vlm():
-    from oodscope.bench.spec import get_benchmark, list_benchmarks
+    from oodscope.bench import ProviderOptions, get_benchmark, list_benchmarks
 
     names = list_benchmarks()
     for n in ("vlm-imagefolder", "fashion-mnist-vlm", "imagenet-vlm", "imagenet200-vlm"):
         assert n in names
+    spec = get_benchmark("imagenet-vlm")
     with pytest.raises(ValueError, match="--vlm"):
-        get_benchmark("imagenet-vlm").provider(vlm=None)
+        spec.builder()(spec, ProviderOptions())
 
 
 @pytest.mark.requires_data("fashion-mnist")
@@ -409,7 +418,12 @@ def test_openood_vlm_provider_on_a_miniature_layout(tiny, tmp_path):
 
     from PIL import Image
 
-    from oodscope.vlm.benchmark import openood_vlm
+    from oodscope.bench import ProviderOptions, get_benchmark
+    from oodscope.bench.clip import build_openood_clip
+
+    def openood_vlm(name, train_per_class=16, **options):
+        spec = get_benchmark(f"{name}-vlm").with_params(train_per_class=train_per_class)
+        return build_openood_clip(spec, ProviderOptions(**options))
 
     root = tmp_path / "openood"
     imgs = root / "images_largescale"

@@ -1,10 +1,10 @@
-"""Reading the logits out of whatever a model's forward pass returns."""
+"""Reading the logits (and other per-sample tensors) out of whatever a model's forward pass returns."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["logits_of"]
+__all__ = ["logits_of", "output_tensors"]
 
 
 def logits_of(out: Any) -> Any:
@@ -23,3 +23,14 @@ def logits_of(out: Any) -> Any:
     if hasattr(out, "logits"):
         return out.logits
     raise ValueError(f"Cannot read logits from a model output of type {type(out).__name__}.")
+
+
+def output_tensors(out: Any) -> dict[str, Any]:
+    """``{"logits": ...}`` plus, for a dict output, every other per-sample tensor in it (e.g.
+    a learned temperature), which `oodscope.extract` keeps as extras."""
+    import torch
+
+    if isinstance(out, dict):
+        logits_of(out)  # a dict without "logits" is an error
+        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim >= 1}
+    return {"logits": out if isinstance(out, torch.Tensor) else logits_of(out)}

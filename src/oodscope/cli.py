@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "fit": ("oodscope.commands.fit", "fit a detector and calibrate its threshold; save a guard"),
     "score": ("oodscope.commands.score", "score a feature file with a saved guard (CSV out)"),
     "serve": ("oodscope.commands.serve", "serve a saved guard over HTTP (FastAPI + uvicorn)"),
+    "train-prompts": ("oodscope.vlm.cli", "tune CLIP prompts for OOD detection: LAPT, Local-Prompt, KR-NFT, CMA"),
 }
 
 

@@ -25,10 +25,13 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ._cache import cache_key as cache_key_of
+from ._cache import cached, fingerprint
+from ._outputs import output_tensors
 from .features import Features
 
 __all__ = ["extract", "find_head", "model_fingerprint"]
@@ -114,15 +117,7 @@ def _data_len(data: Any) -> int | None:
 
 
 def _data_fingerprint(data: Any, batch_size: int) -> str:
-    h = hashlib.sha256()
-    for x, y in _batches(data, batch_size):
-        for part in (x, y):
-            if part is None:
-                continue
-            arr = part.detach().cpu().numpy() if hasattr(part, "detach") else np.asarray(part)
-            h.update(str(arr.shape).encode() + str(arr.dtype).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:24]
+    return fingerprint(part for x, y in _batches(data, batch_size) for part in (x, y))
 
 
 class _Sink:
@@ -175,6 +170,123 @@ class _Sink:
         return out
 
 
+class _Capture:
+    """Forward hooks that record, per batch, the penultimate features and extra layers.
+
+    Features are the input of the head (``nn.Linear``) by default, the flattened output of
+    ``penultimate`` when named, or ``model.forward_features(x)`` for a model without a head
+    that has it. ``features_are_head_input`` stays true while the named penultimate output
+    equals the head's input, so the head's weights may travel with the features.
+    """
+
+    def __init__(self, model, head_mod, penultimate: str | None, layers: Sequence[str]):
+        modules = dict(model.named_modules())
+        for name in [penultimate, *layers]:
+            if name is not None and name not in modules:
+                raise ValueError(f"No module named {name!r} in the model. Some valid names: "
+                                 f"{[n for n in modules if n][:40]}")
+        self.model = model
+        self.captured: dict[str, Any] = {}
+        self.features_are_head_input = True
+        self.use_forward_features = penultimate is None and head_mod is None and hasattr(model, "forward_features")
+        put = self.captured.__setitem__
+        self.hooks = []
+        if penultimate is not None:
+            self.hooks.append(modules[penultimate].register_forward_hook(lambda m, i, o: put("features", o)))
+        elif head_mod is not None:
+            self.hooks.append(head_mod.register_forward_pre_hook(lambda m, i: put("features", i[0])))
+        if penultimate is not None and head_mod is not None:
+            self.hooks.append(head_mod.register_forward_pre_hook(lambda m, i: put("head_input", i[0])))
+        for name in layers:
+            self.hooks.append(modules[name].register_forward_hook(
+                lambda m, i, o, _n=name: put(f"layer:{_n}", o)))
+
+    def run(self, x) -> dict[str, Any]:
+        """The model's outputs for one batch plus what the hooks captured (tensors)."""
+        self.captured.clear()
+        if self.use_forward_features:
+            feats = self.model.forward_features(x)
+            batch = output_tensors(self.model(x))
+            self.captured["features"] = feats
+        else:
+            batch = output_tensors(self.model(x))
+        if "head_input" in self.captured and self.features_are_head_input:
+            pen, hin = self.captured["features"], self.captured["head_input"]
+            self.features_are_head_input = pen.numel() == hin.numel() and _torch().equal(pen.reshape(hin.shape), hin)
+        batch.update({k: v for k, v in self.captured.items() if k == "features" or k.startswith("layer:")})
+        return batch
+
+    def remove(self) -> None:
+        for h in self.hooks:
+            h.remove()
+
+
+def _to_numpy(batch: dict[str, Any], y, x, keep_inputs: bool, fdtype: np.dtype) -> dict[str, np.ndarray]:
+    arrays = {}
+    for k, v in batch.items():
+        t = v.detach().float().cpu()
+        if k == "features":
+            arrays[k] = t.reshape(t.shape[0], -1).numpy().astype(fdtype)
+        else:
+            arrays[k] = t.numpy()
+    if y is not None:
+        yy = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
+        arrays["labels"] = yy.astype(np.int64).reshape(-1)
+    if keep_inputs:
+        arrays["inputs"] = x.detach().cpu().numpy()
+    return arrays
+
+
+def _run_model(model, data, capture: _Capture, sink: _Sink, batch_size: int, device: str | None,
+               keep_inputs: bool, fdtype: np.dtype, progress: bool, desc: str) -> None:
+    """Every batch through the model, in eval mode and without gradients, into ``sink``."""
+    torch = _torch()
+    from tqdm.auto import tqdm
+
+    param = next((p for p in model.parameters() if p.is_floating_point()), None)
+    device = device or (str(param.device) if param is not None else "cpu")
+    input_dtype = param.dtype if param is not None else torch.float32
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=_data_len(data), desc=desc, unit="img", disable=not progress, leave=False)
+    try:
+        with torch.no_grad():
+            for x, y in _batches(data, batch_size):
+                xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
+                if xt.is_floating_point() and xt.dtype != input_dtype:
+                    xt = xt.to(input_dtype)  # float64 arrays into a float32 model, or the reverse
+                xt = xt.to(device)
+                sink.add(_to_numpy(capture.run(xt), y, xt, keep_inputs, fdtype))
+                bar.update(int(xt.shape[0]))
+    finally:
+        bar.close()
+        model.train(was_training)
+
+
+def _head_arrays(head_mod, features: np.ndarray | None, features_are_head_input: bool):
+    """The head's weight and bias, when the stored features really are its input."""
+    if head_mod is None or not features_are_head_input:
+        return None, None
+    hw = head_mod.weight.detach().float().cpu().numpy()
+    if features is not None and features.shape[1] != hw.shape[1]:
+        return None, None  # a named penultimate layer that is not the head's input
+    hb = head_mod.bias.detach().float().cpu().numpy() if head_mod.bias is not None else None
+    return hw, hb
+
+
+def _write_out_dir(out_dir: Path, feats: Features) -> Features:
+    """Write the head and metadata beside the streamed arrays; reload memory-mapped."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("head_weight", "head_bias"):
+        arr = getattr(feats, name)
+        if arr is not None:
+            np.save(out_dir / f"{name}.npy", arr)
+    for k in feats.extras:
+        (out_dir / f"{k}.npy").rename(out_dir / f"extra__{k}.npy")
+    (out_dir / "meta.json").write_text(json.dumps({"format": "oodscope.Features", "version": 1, "meta": feats.meta}))
+    return Features.load(out_dir, mmap=True)
+
+
 def extract(
     model,
     data: Any,
@@ -215,163 +327,40 @@ def extract(
         raise TypeError(f"extract needs a torch.nn.Module, got {type(model).__name__}.")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    head_name, head_mod = find_head(model, head)
-
-    cache_path = None
     if cache_dir is not None and cache_key is None and isinstance(data, Iterator):
         raise ValueError(
             "extract with cache_dir hashes the data before running the model, which would use "
             "up a one-shot iterator (a generator). Pass cache_key='<name of this data>' or a "
             "re-iterable source (array, list of batches, DataLoader)."
         )
+    head_name, head_mod = find_head(model, head)
+    path = None
     if cache_dir is not None:
-        key_parts = {
-            "model": model_fingerprint(model),
-            "data": cache_key or _data_fingerprint(data, batch_size),
-            "head": head_name,
-            "penultimate": penultimate,
-            "layers": list(layers),
-            "keep_inputs": keep_inputs,
-            "dtype": feature_dtype,
-        }
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
-        cache_path = Path(cache_dir) / f"features-{key}.npz"
-        if cache_path.exists():
-            return Features.load(cache_path)
+        key = cache_key_of({
+            "model": model_fingerprint(model), "data": cache_key or _data_fingerprint(data, batch_size),
+            "head": head_name, "penultimate": penultimate, "layers": list(layers),
+            "keep_inputs": keep_inputs, "dtype": feature_dtype,
+        })
+        path = Path(cache_dir) / f"features-{key}.npz"
 
-    modules = dict(model.named_modules())
-    for name in [penultimate, *layers]:
-        if name is not None and name not in modules:
-            raise ValueError(
-                f"No module named {name!r} in the model. Some valid names: "
-                f"{[n for n in modules if n][:40]}"
-            )
+    def compute() -> Features:
+        capture = _Capture(model, head_mod, penultimate, layers)
+        sink = _Sink(Path(out_dir) if out_dir is not None else None, chunk_size)
+        try:
+            _run_model(model, data, capture, sink, batch_size, device, keep_inputs, np.dtype(feature_dtype),
+                       progress, desc)
+        finally:
+            capture.remove()
+        arrays = sink.finish()
+        if not arrays:
+            raise ValueError("extract got no data: the data source yielded no batches.")
+        hw, hb = _head_arrays(head_mod, arrays.get("features"), capture.features_are_head_input)
+        feats = Features(
+            logits=arrays.get("logits"), features=arrays.get("features"), labels=arrays.get("labels"),
+            head_weight=hw, head_bias=hb,
+            extras={k: v for k, v in arrays.items() if k not in ("logits", "features", "labels")},
+            meta={"model": type(model).__name__, "head": head_name, "penultimate": penultimate},
+        )
+        return _write_out_dir(Path(out_dir), feats) if out_dir is not None else feats
 
-    captured: dict[str, Any] = {}
-    hooks = []
-    use_forward_features = penultimate is None and head_mod is None and hasattr(model, "forward_features")
-    if penultimate is not None:
-        hooks.append(modules[penultimate].register_forward_hook(
-            lambda m, i, o: captured.__setitem__("features", o)))
-    elif head_mod is not None:
-        hooks.append(head_mod.register_forward_pre_hook(
-            lambda m, i: captured.__setitem__("features", i[0])))
-    if penultimate is not None and head_mod is not None:
-        # the head travels with the features only if they really are its input
-        hooks.append(head_mod.register_forward_pre_hook(
-            lambda m, i: captured.__setitem__("head_input", i[0])))
-    features_are_head_input = True
-    for name in layers:
-        hooks.append(modules[name].register_forward_hook(
-            lambda m, i, o, _n=name: captured.__setitem__(f"layer:{_n}", o)))
-
-    param = next((p for p in model.parameters() if p.is_floating_point()), None)
-    if device is None:
-        device = str(param.device) if param is not None else "cpu"
-    input_dtype = param.dtype if param is not None else torch.float32
-    was_training = model.training
-    model.eval()
-    sink = _Sink(Path(out_dir) if out_dir is not None else None, chunk_size)
-    fdtype = np.dtype(feature_dtype)
-    total = _data_len(data)
-    try:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-        with torch.no_grad():
-            for x, y in _batches(data, batch_size):
-                xt = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x)
-                if xt.is_floating_point() and xt.dtype != input_dtype:
-                    xt = xt.to(input_dtype)  # float64 arrays into a float32 model, or the reverse
-                xt = xt.to(device)
-                captured.clear()
-                if use_forward_features:
-                    feats = model.forward_features(xt)
-                    out = model(xt)
-                    captured["features"] = feats
-                else:
-                    out = model(xt)
-                batch = _split_output(out)
-                if "head_input" in captured and features_are_head_input:
-                    pen, hin = captured["features"], captured["head_input"]
-                    features_are_head_input = pen.numel() == hin.numel() and torch.equal(
-                        pen.reshape(hin.shape), hin)
-                if "features" in captured:
-                    batch["features"] = captured["features"]
-                for k, v in captured.items():
-                    if k.startswith("layer:"):
-                        batch[k] = v
-                arrays = {}
-                for k, v in batch.items():
-                    t = v.detach().float().cpu()
-                    if k == "features":
-                        t = t.reshape(t.shape[0], -1)
-                    arr = t.numpy()
-                    arrays[k] = arr.astype(fdtype) if k == "features" else arr
-                if y is not None:
-                    yy = y.detach().cpu().numpy() if hasattr(y, "detach") else np.asarray(y)
-                    arrays["labels"] = yy.astype(np.int64).reshape(-1)
-                if keep_inputs:
-                    arrays["inputs"] = xt.detach().cpu().numpy()
-                sink.add(arrays)
-                bar.update(int(xt.shape[0]))
-        bar.close()
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was_training)
-
-    arrays = sink.finish()
-    if not arrays:
-        raise ValueError("extract got no data: the data source yielded no batches.")
-    extras = {k: v for k, v in arrays.items() if k not in ("logits", "features", "labels")}
-    hw = hb = None
-    if head_mod is not None:
-        hw = head_mod.weight.detach().float().cpu().numpy()
-        hb = head_mod.bias.detach().float().cpu().numpy() if head_mod.bias is not None else None
-        if not features_are_head_input or (
-            "features" in arrays and arrays["features"].shape[1] != hw.shape[1]
-        ):
-            hw = hb = None  # a named penultimate layer that is not the head's input
-    meta = {"model": type(model).__name__, "head": head_name, "penultimate": penultimate}
-    feats = Features(
-        logits=arrays.get("logits"),
-        features=arrays.get("features"),
-        labels=arrays.get("labels"),
-        head_weight=hw,
-        head_bias=hb,
-        extras=extras,
-        meta=meta,
-    )
-    if out_dir is not None:
-        # write the head and metadata beside the streamed arrays; reload memory-mapped
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        for name, arr in (("head_weight", hw), ("head_bias", hb)):
-            if arr is not None:
-                np.save(Path(out_dir) / f"{name}.npy", arr)
-        for k in extras:
-            (Path(out_dir) / f"{k}.npy").rename(Path(out_dir) / f"extra__{k}.npy")
-        (Path(out_dir) / "meta.json").write_text(
-            json.dumps({"format": "oodscope.Features", "version": 1, "meta": meta}))
-        feats = Features.load(out_dir, mmap=True)
-    if cache_path is not None:
-        feats.save(cache_path)
-    return feats
-
-
-def _split_output(out: Any) -> dict[str, Any]:
-    torch = _torch()
-    if isinstance(out, torch.Tensor):
-        return {"logits": out}
-    if isinstance(out, dict):
-        if "logits" not in out:
-            raise ValueError(f"Model returned a dict without 'logits' (keys: {list(out)}).")
-        return {k: v for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim >= 1}
-    from ._outputs import logits_of
-
-    return {"logits": logits_of(out)}
-
-
-def iter_chunks(n: int, chunk: int) -> Iterable[slice]:
-    for start in range(0, n, chunk):
-        yield slice(start, min(start + chunk, n))
+    return cached(path, Features.load, compute, lambda f, p: f.save(p))

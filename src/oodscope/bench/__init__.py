@@ -1,4 +1,5 @@
-"""Benchmarks: definitions as data, a one-pass runner, validation tuning and reports.
+"""Benchmarks: definitions as data (`BenchmarkSpec`, one catalog), a one-pass runner,
+validation tuning and reports.
 
 `run_benchmark` and `BenchResult` (from `oodscope.bench.runner`) are imported on first use,
 so ``import oodscope.bench`` stays light (no torch, no pandas).
@@ -6,12 +7,13 @@ so ``import oodscope.bench`` stays light (no torch, no pandas).
 
 from typing import Any
 
-from .spec import FeatureSet, get_benchmark, list_benchmarks, register_benchmark
+from .catalog import get_benchmark, list_benchmarks, register_benchmark
+from .spec import BenchmarkSpec, FeatureSet, ProviderOptions
 
-__all__ = ["BenchResult", "FeatureSet", "get_benchmark", "list_benchmarks", "register_benchmark",
-           "run_benchmark"]
+__all__ = ["BenchResult", "BenchmarkSpec", "FeatureSet", "ProviderOptions", "get_benchmark", "list_benchmarks",
+           "register_benchmark", "run_benchmark"]
 
-_LAZY = {"run_benchmark": "runner", "BenchResult": "runner"}
+_LAZY = {"run_benchmark": "runner", "BenchResult": "results"}
 
 
 def __getattr__(name: str) -> Any:

@@ -7,6 +7,12 @@ Examples::
     oodscope bench cifar10 --model path/to/ckpt.pt --data-root /data/openood
     oodscope bench imagenet --vlm hf:openai/clip-vit-base-patch16 --class-names names.txt
     oodscope bench clinc150 --finetune none
+    oodscope bench banking77-oos --data-root path/to/BANKING77-OOS
+    oodscope bench text --data intents.csv --oos-label out_of_scope
+    oodscope bench images --id photos/ --ood other/ --ood noise/ --model net.safetensors
+    oodscope bench mixoe-car --model resnet50_car.safetensors --data-root path/to/MixOE
+    oodscope bench pt-ood --id id/ --near imagenet_like/ --ood other/ --model backbone.pt
+    oodscope bench nova --id normal_mri/ --model net.pt --data-root path/to/Nova --boxes boxes.jsonl
     oodscope bench fashion-mnist-split --compare-training ce,oe,logitnorm --epochs 4
 """
 
@@ -16,7 +22,6 @@ import argparse
 import importlib
 import sys
 from pathlib import Path
-from typing import Any
 
 __all__ = ["add_arguments", "run"]
 
@@ -29,9 +34,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="checkpoint of the network to evaluate (.pt/.safetensors); by default the "
                         "benchmark's reference model is trained or reused from the cache%(default).0s")
-    p.add_argument("--ood", default=None,
+    p.add_argument("--ood", action="append", default=None, metavar="NAMES_OR_DIR",
                    help="comma-separated test OOD sets to evaluate (default: all of the benchmark's); "
-                        "an unknown name is an error that lists the valid ones%(default).0s")
+                        "an unknown name is an error that lists the valid ones. With 'bench images': a "
+                        "folder of OOD images (far OOD), repeatable%(default).0s")
     p.add_argument("--detectors", default=None,
                    help="comma-separated detector names, or 'all' (default: the benchmark's default "
                         "list, else every detector the extracted features can feed; detectors that re-run the "
@@ -89,10 +95,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --vlm: text file with the ID class names, one a line in label order "
                         "(default: the benchmark's own names, e.g. CIFAR-10's, or "
                         "<data-root>/class_names/<benchmark>.txt)%(default).0s")
+    d = p.add_argument_group("your own data ('bench text --data ...', 'bench images --id ... --ood ...')")
+    d.add_argument("--data", default=None, metavar="DIR_OR_FILE",
+                   help="bench text: a CLINC150, BANKING77-OOS, CLINC-Single-Domain-OOS or ROSTD release "
+                        "folder (the layout is detected), or a CSV/TSV/JSONL file with text and label "
+                        "columns whose out-of-scope rows carry --oos-label%(default).0s")
+    d.add_argument("--text-column", default=None, metavar="NAME",
+                   help="bench text with a file: the text column (default: text)%(default).0s")
+    d.add_argument("--label-column", default=None, metavar="NAME",
+                   help="bench text with a file: the label column (default: label)%(default).0s")
+    d.add_argument("--oos-label", default=None, metavar="LABEL",
+                   help="bench text with a file: the label of out-of-scope rows (default: oos)%(default).0s")
+    d.add_argument("--id", default=None, metavar="DIR", dest="id_dir",
+                   help="bench images: the ID images, one sub-folder per class (split into train, "
+                        "ID-val and test ID)%(default).0s")
+    d.add_argument("--near", action="append", default=None, metavar="DIR",
+                   help="bench images / pt-ood: a folder of near-OOD images (pt-ood: familiar, pre-training "
+                        "OOD), repeatable%(default).0s")
+    d.add_argument("--boxes", default=None, metavar="FILE",
+                   help="bench nova: predicted anomaly boxes (JSON lines: filename, boxes [[x_min, y_min, x_max, "
+                        "y_max], ...], optional scores) scored against NOVA's gold boxes%(default).0s")
     t = p.add_argument_group("training comparison (--compare-training)")
     t.add_argument("--compare-training", default=None, metavar="METHODS",
                    help="compare OOD-aware training objectives (comma list, e.g. ce,oe,logitnorm): "
-                        "trains one model per method and benchmarks each (oodscope.train.compare); "
+                        "trains one model per method and benchmarks each (oodscope.bench.compare); "
                         "the BENCHMARK defaults to fashion-mnist-split%(default).0s")
     t.add_argument("--epochs", type=int, default=None, metavar="N",
                    help="training epochs per method (default: the comparison's budget; fewer with "
@@ -107,11 +133,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _list() -> int:
-    from .spec import get_benchmark, list_benchmarks
+    from .catalog import get_benchmark, list_benchmarks
 
-    for name in list_benchmarks():
-        bd = get_benchmark(name)
-        print(f"{name:16s} {bd.description}")
+    names = list_benchmarks()
+    width = max(map(len, names))
+    for name in names:
+        print(f"{name:{width}s}  {get_benchmark(name).description}")
     return 0
 
 
@@ -138,6 +165,28 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
+#: the options of 'bench text' and 'bench images': argparse name -> (spec parameter, flag)
+_DATA_OPTIONS = {"data": ("data", "--data"), "text_column": ("text_column", "--text-column"),
+                 "label_column": ("label_column", "--label-column"), "oos_label": ("oos_label", "--oos-label"),
+                 "id_dir": ("id_dir", "--id"), "near": ("near_dirs", "--near"), "boxes": ("boxes", "--boxes")}
+
+
+def _with_data(spec, args: argparse.Namespace):
+    """``(spec, --ood filter)``: the data options set as the spec's parameters ('bench images'
+    takes its OOD folders from ``--ood``); an option the benchmark has no parameter for is an error."""
+    given = {k: v for k, v in _DATA_OPTIONS.items() if getattr(args, k, None) is not None}
+    unused = [flag for param, flag in given.values() if param not in spec.params]
+    if unused:
+        raise ValueError(f"Benchmark {spec.name!r} does not use option(s) {', '.join(unused)}.")
+    params = {param: getattr(args, k) for k, (param, _) in given.items()}
+    if "near_dirs" in params:
+        params["near_dirs"] = tuple(params["near_dirs"])
+    ood = ",".join(args.ood) if args.ood else None
+    if "ood_dirs" in spec.params:  # bench images: --ood names folders
+        params["ood_dirs"], ood = tuple(args.ood or ()), None
+    return (spec.with_params(**params) if params else spec), ood
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "list", False) or not (args.benchmark or args.compare_training):
         return _list()
@@ -146,12 +195,12 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--export saves a detector of one benchmark run; it does not apply "
                              "to --compare-training.")
         try:
-            compare = importlib.import_module("oodscope.train.compare")
+            compare = importlib.import_module("oodscope.bench.compare")
         except ModuleNotFoundError as exc:
-            if exc.name not in ("oodscope.train.compare",):
+            if exc.name not in ("oodscope.bench.compare",):
                 raise
             raise ValueError(
-                "--compare-training needs oodscope.train.compare, which is not available in this "
+                "--compare-training needs oodscope.bench.compare, which is not available in this "
                 "install.") from None
         return int(compare.run_comparison(args) or 0)
     for opt in ("epochs", "train_size", "batch_size", "lr"):
@@ -159,26 +208,25 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--{opt.replace('_', '-')} is a training option: it only applies with "
                              "--compare-training.")
 
+    from .catalog import get_benchmark
     from .runner import run_benchmark
+    from .spec import ProviderOptions
 
-    subset = args.subset
-    n_boot = args.n_boot
-    if args.quick:
-        subset = subset or 2000
-        n_boot = min(n_boot, 50)
-    if args.model is not None and not Path(args.model).exists():
+    n_boot = min(args.n_boot, 50) if args.quick else args.n_boot
+    if args.model is not None and not Path(args.model).exists() and not Path(args.model).with_suffix(
+            ".safetensors").exists():
         raise FileNotFoundError(f"--model {args.model!r}: no such file.")
-    options: dict[str, Any] = {
-        "model": args.model, "subset": subset, "cache_dir": args.cache_dir,
-        "quick": args.quick or None, "encoder": args.encoder, "finetune": args.finetune,
-        "vlm": args.vlm, "data_root": getattr(args, "data_root", None),
-        "class_names": _class_names(getattr(args, "class_names", None)),
-    }
-    if options["class_names"] is not None and args.vlm is None:
+    options = ProviderOptions.of({
+        "model": args.model, "subset": args.subset, "cache_dir": args.cache_dir, "quick": args.quick,
+        "encoder": args.encoder, "finetune": args.finetune, "vlm": args.vlm, "data_root": args.data_root,
+        "class_names": _class_names(args.class_names),
+    })
+    if options.class_names is not None and args.vlm is None:
         raise ValueError("--class-names is used with --vlm only.")
+    spec, ood = _with_data(get_benchmark(args.benchmark), args)
     out = Path(args.out) if args.out else Path("runs") / "bench" / args.benchmark
     res = run_benchmark(
-        args.benchmark, args.detectors, seeds=_seeds(args.seeds), ood=args.ood,
+        spec, args.detectors, seeds=_seeds(args.seeds), ood=ood,
         tune_params=not args.no_tune, full_spectrum=args.full_spectrum, ci=n_boot > 0,
         n_boot=max(n_boot, 1), provider_options=options, progress=True, out_dir=None,
         keep_detectors=bool(args.export),

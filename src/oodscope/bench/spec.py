@@ -1,22 +1,30 @@
-"""What a benchmark is: a provider of cached `Features` for every split, as data.
+"""What a benchmark is, as data: `BenchmarkSpec`, the shared `ProviderOptions`, and the
+`FeatureSet` a spec's builder returns.
 
-A benchmark provider runs the expensive part (a network, an encoder, a CLIP tower) once
-and returns a `FeatureSet`. The runner then fits, tunes and scores every detector on those
-Features only, so no detector or hyperparameter candidate ever re-runs the network (except
-detectors that declare ``requires={"model"}``, which get the model via ``detector_kwargs``).
-
-Vision, text and vision-language benchmarks all register a provider here with
-`register_benchmark`, so they share one runner and one report.
+A spec names the in-distribution set, the test OOD sets by group (near, far, covariate),
+how the validation OOD set is made (the only OOD data tuning may see), the default
+detectors and the subset size of ``--quick``. Its ``build`` is the one piece of code: a
+function ``build(spec, options) -> FeatureSet`` (or its ``"module:function"`` path, imported
+when the benchmark runs) that runs the network once per split. Every benchmark, vision,
+class split, text or CLIP, is an instance; `oodscope.bench.catalog` lists the registered ones.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import importlib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping
 
 from ..features import Features
 
-__all__ = ["FeatureSet", "BenchmarkDef", "register_benchmark", "get_benchmark", "list_benchmarks"]
+__all__ = ["BenchmarkSpec", "FeatureSet", "ProviderOptions", "QUICK_SUBSET", "USER_OPTIONS"]
+
+#: samples per split of a ``--quick`` run, unless a spec says otherwise
+QUICK_SUBSET = 2000
+#: options a user sets on the command line; a benchmark lists those it uses in ``options``
+USER_OPTIONS = ("model", "data_root", "encoder", "finetune", "vlm", "class_names")
 
 
 @dataclass
@@ -66,58 +74,176 @@ class FeatureSet:
         return avail
 
 
-@dataclass
-class BenchmarkDef:
+@dataclass(frozen=True)
+class ProviderOptions:
+    """The options every builder reads, in one object (a builder ignores what it has no use for).
+
+    ``subset`` caps every evaluation split (`cap`); ``quick`` gives it the spec's
+    ``quick_subset`` when unset (`for_spec`). ``ood`` restricts the test OOD sets to build
+    (`wants`); ``fields`` are the Features fields the chosen detectors read (None: all),
+    so a builder stores the raw inputs only when a detector re-runs the network
+    (`keep_inputs`). ``net``/``net_meta`` pass an in-memory network instead of the
+    ``model`` checkpoint (scripts, tests, the training comparison).
+    """
+
+    seed: int = 0
+    subset: int | None = None
+    quick: bool = False
+    cache_dir: Path | None = None
+    ood: tuple[str, ...] | None = None
+    fields: frozenset[str] | None = None
+    progress: bool = True
+    model: str | Path | None = None
+    net: Any = None
+    net_meta: Mapping[str, Any] | None = None
+    data_root: Path | None = None
+    encoder: Any = None
+    finetune: Any = None
+    vlm: Any = None
+    class_names: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.subset is not None and (isinstance(self.subset, bool) or int(self.subset) < 1):
+            raise ValueError(f"subset must be a positive number of samples per split, got {self.subset!r}.")
+        for name in ("cache_dir", "data_root"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, Path):
+                object.__setattr__(self, name, Path(value))
+        if isinstance(self.ood, str):
+            object.__setattr__(self, "ood", tuple(s.strip() for s in self.ood.split(",") if s.strip()))
+        elif self.ood is not None:
+            object.__setattr__(self, "ood", tuple(self.ood))
+        if self.fields is not None:
+            object.__setattr__(self, "fields", frozenset(self.fields))
+        if self.class_names is not None:
+            object.__setattr__(self, "class_names", tuple(self.class_names))
+
+    @classmethod
+    def of(cls, options: "ProviderOptions | Mapping[str, Any] | None", **changes: Any) -> "ProviderOptions":
+        """Options from an instance or a dict (``None`` values mean unset), with ``changes``."""
+        if isinstance(options, ProviderOptions):
+            return replace(options, **changes)
+        given = {k: v for k, v in dict(options or {}).items() if v is not None}
+        unknown = sorted(set(given) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"Unknown benchmark option(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}.")
+        return cls(**{**given, **changes})
+
+    def for_spec(self, spec: "BenchmarkSpec") -> "ProviderOptions":
+        """These options with ``quick`` resolved into the spec's subset size."""
+        if self.quick and self.subset is None:
+            return replace(self, subset=spec.quick_subset)
+        return self
+
+    def given(self) -> list[str]:
+        """The user options (`USER_OPTIONS`) that are set."""
+        return [k for k in USER_OPTIONS if getattr(self, k) is not None]
+
+    def wants(self, name: str) -> bool:
+        """Whether test OOD set ``name`` was asked for (all are, without ``ood``)."""
+        return self.ood is None or name.lower() in {o.lower() for o in self.ood}
+
+    @property
+    def keep_inputs(self) -> bool:
+        """Keep the network inputs: a detector re-runs the network (or every field is wanted)."""
+        return self.fields is None or bool({"inputs", "model"} & self.fields)
+
+    def wants_field(self, name: str) -> bool:
+        return self.fields is None or name in self.fields
+
+    def cap(self, ds: Any) -> Any:
+        """At most ``subset`` samples of ``ds`` (a seeded draw, `ImageDataset.sample`)."""
+        return ds if self.subset is None or len(ds) <= self.subset else ds.sample(self.subset, seed=self.seed)
+
+    def cache(self, kind: str) -> Path:
+        """The cache folder for ``kind`` (features, models, ...) under ``cache_dir``."""
+        from ..data.registry import cache_root
+
+        return (self.cache_dir if self.cache_dir is not None else cache_root()) / kind
+
+
+Builder = Callable[["BenchmarkSpec", ProviderOptions], FeatureSet]
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    """One benchmark as data. See the module docstring; the fields:
+
+    ``id_set``: what is in-distribution (a line for people). ``near``/``far``/``covariate``:
+    the names of the test OOD sets of each group (and the covariate-shifted ID sets); what
+    ``--ood`` may select. ``val_ood`` / ``val_ood_reason``: how the validation OOD set is
+    made and why it is fair (shown in the report). ``default_detectors``: run when none are
+    named (None: every detector the Features can feed). ``quick_subset``: samples per split
+    with ``--quick``. ``options``: the user options (`USER_OPTIONS`) the builder uses; any
+    other set option is an error. ``params``: keyword arguments of the builder (a protocol,
+    a split number, a dataset name). ``vlm_twin``: the benchmark that runs instead when a
+    CLIP model is given with ``--vlm``.
+    """
+
     name: str
-    provider: Callable[..., FeatureSet]
-    description: str = ""
-    default_detectors: list[str] | None = None
-    options: dict[str, Any] = field(default_factory=dict)
+    description: str
+    build: str | Builder
+    modality: str = "images"
+    id_set: str = ""
+    near: tuple[str, ...] = ()
+    far: tuple[str, ...] = ()
+    covariate: tuple[str, ...] = ()
+    val_ood: str = ""
+    val_ood_reason: str = ""
+    default_detectors: tuple[str, ...] | None = None
+    quick_subset: int = QUICK_SUBSET
+    options: frozenset[str] = frozenset()
+    params: Mapping[str, Any] = field(default_factory=dict)
+    vlm_twin: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("near", "far", "covariate"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.default_detectors is not None:
+            object.__setattr__(self, "default_detectors", tuple(self.default_detectors))
+        object.__setattr__(self, "options", frozenset(self.options))
+        unknown = sorted(self.options - set(USER_OPTIONS))
+        if unknown:
+            raise ValueError(f"Benchmark {self.name!r}: unknown option(s) {unknown}; known: {list(USER_OPTIONS)}.")
+        object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
+
+    @property
+    def ood_names(self) -> tuple[str, ...]:
+        """Every test OOD set and covariate-shifted ID set, what ``--ood`` may name."""
+        return (*self.near, *self.far, *self.covariate)
+
+    def builder(self) -> Builder:
+        """The build function (imported from ``"module:function"`` on first use)."""
+        if callable(self.build):
+            return self.build
+        module, _, func = self.build.partition(":")
+        return getattr(importlib.import_module(module), func)
+
+    def with_params(self, **params: Any) -> "BenchmarkSpec":
+        return replace(self, params={**self.params, **params})
+
+    def check_options(self, options: ProviderOptions) -> None:
+        """A user option the benchmark does not use is an error, not silently ignored."""
+        unused = [o for o in options.given() if o not in self.options]
+        if unused:
+            raise ValueError(f"Benchmark {self.name!r} does not use option(s) "
+                             f"{', '.join('--' + u.replace('_', '-') for u in unused)}.")
+
+    def check_ood(self, requested: Iterable[str] | None) -> list[str] | None:
+        """Validate ``--ood`` names against the spec (before any extraction)."""
+        return check_names(requested, self.ood_names) if self.ood_names else None
 
 
-_BENCHMARKS: dict[str, BenchmarkDef] = {}
-
-
-def register_benchmark(
-    name: str,
-    provider: Callable[..., FeatureSet],
-    description: str = "",
-    default_detectors: list[str] | None = None,
-    **options: Any,
-) -> BenchmarkDef:
-    """Register ``provider(**kwargs) -> FeatureSet`` under ``name``."""
-    bd = BenchmarkDef(name, provider, description, default_detectors, options)
-    _BENCHMARKS[name.lower()] = bd
-    return bd
-
-
-_PROVIDER_MODULES = (
-    "oodscope.bench.vision",
-    "oodscope.bench.classsplit",
-    "oodscope.text.benchmark",
-    "oodscope.vlm.benchmark",
-)
-
-
-def _load_providers() -> None:
-    import importlib
-
-    for mod in _PROVIDER_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as exc:
-            if exc.name not in (mod, mod.rsplit(".", 1)[0]):
-                raise
-
-
-def get_benchmark(name: str) -> BenchmarkDef:
-    _load_providers()
-    key = name.lower()
-    if key not in _BENCHMARKS:
-        raise ValueError(f"Unknown benchmark {name!r}; available: {sorted(_BENCHMARKS)}.")
-    return _BENCHMARKS[key]
-
-
-def list_benchmarks() -> list[str]:
-    _load_providers()
-    return sorted(_BENCHMARKS)
+def check_names(requested: Iterable[str] | str | None, valid: Iterable[str]) -> list[str] | None:
+    """``requested`` OOD set names in their canonical spelling; unknown ones raise a
+    ``ValueError`` that lists the valid names."""
+    if requested is None:
+        return None
+    if isinstance(requested, str):
+        requested = [s.strip() for s in requested.split(",") if s.strip()]
+    valid = list(valid)
+    lower = {v.lower(): v for v in valid}
+    bad = [r for r in requested if r.lower() not in lower]
+    if bad:
+        raise ValueError(f"Unknown OOD set(s) {bad}; valid names for this benchmark: {sorted(valid)}.")
+    return [lower[r.lower()] for r in requested]

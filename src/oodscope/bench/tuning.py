@@ -28,7 +28,7 @@ from ..detectors.base import Detector
 from ..features import Features
 from ..metrics import auroc, fpr_at_95_tpr
 
-__all__ = ["TuningResult", "candidate_grid", "tune", "score_pair", "is_stateful"]
+__all__ = ["TuningResult", "candidate_grid", "public_params", "score_pair", "tune"]
 
 
 @dataclass
@@ -190,18 +190,13 @@ def tune(
         r.pop("is_default", None)
     best_params = {**detector.get_params(), **best_row["params"]}
     return TuningResult(
-        best_params=_public_params(best_params),
+        best_params=public_params(best_params),
         detector=best_det,
         candidates=rows,
         fit_seconds=fit_s,
         score_seconds=score_s,
         n_fits=n_fits,
     )
-
-
-def is_stateful(det: Detector) -> bool:
-    """Whether scores depend on what the detector scored before (``stateful = True``)."""
-    return bool(type(det).stateful)
 
 
 def score_pair(det: Detector, id_set: Features, ood_set: Features, seed: int = 0
@@ -213,7 +208,7 @@ def score_pair(det: Detector, id_set: Features, ood_set: Features, seed: int = 0
     return np.asarray(s_id, dtype=np.float64), np.asarray(s_ood, dtype=np.float64)
 
 
-def _public_params(params: dict[str, Any]) -> dict[str, Any]:
+def public_params(params: dict[str, Any]) -> dict[str, Any]:
     """Parameters worth showing (drop large objects such as a model or an encoder)."""
     out = {}
     for k, v in params.items():

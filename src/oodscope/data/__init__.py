@@ -16,8 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from . import catalog as _catalog  # noqa: F401  (registers the datasets)
-from .dataset import ImageDataset
-from .formats import read_image_folder, read_image_list
+from .dataset import ImageDataset, holdout_split
+from .formats import read_image_files, read_image_folder, read_image_list
 from .registry import (
     ChecksumError,
     canonical_name,
@@ -27,7 +27,8 @@ from .registry import (
     registered_names,
     search_paths,
 )
-from .synthetic import CORRUPTIONS, corrupt, corrupted_dataset, gaussian_noise, uniform_noise
+from .synthetic import (CORRUPTIONS, box_blur, corrupt, corrupted_dataset, gaussian_noise, generated_outliers,
+                        patch_shuffle, uniform_noise)
 from .tensors import RandomShiftFlip, channel_stats, loader, to_tensor
 
 __all__ = [
@@ -35,17 +36,22 @@ __all__ = [
     "ChecksumError",
     "ImageDataset",
     "RandomShiftFlip",
+    "box_blur",
     "channel_stats",
     "corrupt",
     "corrupted_dataset",
     "describe",
     "find",
     "gaussian_noise",
+    "generated_outliers",
+    "holdout_split",
     "list_datasets",
     "load",
     "load_image_folder",
     "load_image_list",
     "loader",
+    "patch_shuffle",
+    "read_image_files",
     "search_paths",
     "to_tensor",
     "uniform_noise",

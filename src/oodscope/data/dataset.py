@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ImageDataset"]
+__all__ = ["ImageDataset", "holdout_split"]
 
 
 @dataclass
@@ -105,3 +105,33 @@ class ImageDataset:
     def __repr__(self) -> str:
         lab = "unlabeled" if self.labels is None else f"{self.num_classes} classes"
         return f"ImageDataset({self.name!r}, n={len(self)}, shape={self.image_shape}, {lab})"
+
+
+def holdout_split(labels, n_val: int, seed: int = 0):
+    """Split positions ``0..len(labels)-1`` into ``(train_idx, val_idx)``, both sorted int64.
+
+    ``val_idx`` holds ``n_val`` positions drawn without replacement, stratified by label:
+    each class gets ``n_val * class_count / N`` of them (largest remainders get the leftover
+    places, ties to the smaller class id), drawn at random within the class. The same
+    ``labels``, ``n_val`` and ``seed`` always give the same split.
+    """
+    labels = np.asarray(labels)
+    n = len(labels)
+    if labels.ndim != 1:
+        raise ValueError(f"labels must be 1-D, got shape {labels.shape}.")
+    if not isinstance(n_val, (int, np.integer)) or isinstance(n_val, bool) or not 0 < n_val < n:
+        raise ValueError(f"n_val must be an integer in [1, {n - 1}] (the number of training images "
+                         f"to hold out), got {n_val!r}.")
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = n_val * counts / n
+    take = np.floor(exact).astype(np.int64)
+    leftover = int(n_val - take.sum())
+    if leftover:
+        order = np.lexsort((classes, -(exact - take)))  # largest remainder first
+        take[order[:leftover]] += 1
+    picked = [rng.permutation(np.flatnonzero(labels == c))[:k] for c, k in zip(classes, take)]
+    val_idx = np.sort(np.concatenate(picked)).astype(np.int64)
+    mask = np.ones(n, bool)
+    mask[val_idx] = False
+    return np.flatnonzero(mask).astype(np.int64), val_idx

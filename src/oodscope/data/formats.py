@@ -29,6 +29,7 @@ __all__ = [
     "read_cifar",
     "read_cifar_batch",
     "read_idx",
+    "read_image_files",
     "read_image_folder",
     "read_image_list",
     "read_svhn_mat",
@@ -223,6 +224,20 @@ def _load_images(paths: list[Path], size: tuple[int, int] | None, mode: str | No
     if len(shapes) > 1:
         raise ValueError(f"Images have different sizes {sorted(shapes)[:5]}; pass size=(H, W) to resize them.")
     return np.stack(out), kept
+
+
+def read_image_files(files, size: tuple[int, int] | None = None, mode: str | None = None,
+                     progress: bool = True) -> np.ndarray:
+    """The images at ``files`` (paths, or open binary files such as ``io.BytesIO``) in the given
+    order, as one uint8 array (resized to ``size`` = (H, W) when given). A missing path is a
+    ``FileNotFoundError`` that names how many are missing and the first few."""
+    files = list(files)
+    missing = [str(f) for f in files if isinstance(f, (str, Path)) and not Path(f).exists()]
+    if missing:
+        raise FileNotFoundError(f"{len(missing)} of {len(files)} image files are missing, e.g.\n  "
+                                + "\n  ".join(missing[:5]))
+    images, _ = _load_images(files, size, mode, skip_broken=False, progress=progress)
+    return images
 
 
 def read_image_folder(root: str | Path, size: tuple[int, int] | None = None, mode: str | None = None,

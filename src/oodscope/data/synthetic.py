@@ -1,4 +1,5 @@
-"""Synthetic OOD sets: noise images and corrupted copies of real images.
+"""Synthetic OOD sets: noise images, corrupted copies of real images, and outliers generated
+from ID images for validation (`generated_outliers`: patch-shuffled and blurred).
 
 The corruptions follow the spirit of Hendrycks & Dietterich (2019, "Benchmarking Neural
 Network Robustness to Common Corruptions and Perturbations", ImageNet-C / CIFAR-10-C):
@@ -14,7 +15,8 @@ import numpy as np
 
 from .dataset import ImageDataset
 
-__all__ = ["CORRUPTIONS", "corrupt", "corrupted_dataset", "gaussian_noise", "uniform_noise"]
+__all__ = ["CORRUPTIONS", "box_blur", "corrupt", "corrupted_dataset", "gaussian_noise", "generated_outliers",
+           "patch_shuffle", "uniform_noise"]
 
 #: severity 1..5 parameters per corruption kind
 _PARAMS = {
@@ -162,3 +164,50 @@ def uniform_noise(n: int = 10000, shape=(28, 28), seed: int = 0) -> ImageDataset
     rng = np.random.default_rng(seed)
     images = rng.integers(0, 256, size=(n, *shape), dtype=np.uint8)
     return ImageDataset(images, None, [], name="uniform-noise", meta={"seed": seed})
+
+
+# --------------------------------------------------------------------------- validation outliers
+def patch_shuffle(images: np.ndarray, grid: int = 4, seed: int = 0) -> np.ndarray:
+    """Cut each image into ``grid × grid`` patches and permute them (per image)."""
+    images = np.asarray(images)
+    n, h, w = images.shape[:3]
+    ph, pw = h // grid, w // grid
+    out = images.copy()
+    rng = np.random.default_rng(seed)
+    core = images[:, : ph * grid, : pw * grid]
+    patches = core.reshape(n, grid, ph, grid, pw, *images.shape[3:]).swapaxes(2, 3)
+    patches = patches.reshape(n, grid * grid, ph, pw, *images.shape[3:])
+    perm = np.argsort(rng.random((n, grid * grid)), axis=1)
+    shuffled = patches[np.arange(n)[:, None], perm]
+    shuffled = shuffled.reshape(n, grid, grid, ph, pw, *images.shape[3:]).swapaxes(2, 3)
+    out[:, : ph * grid, : pw * grid] = shuffled.reshape(n, ph * grid, pw * grid, *images.shape[3:])
+    return out
+
+
+def box_blur(images: np.ndarray, radius: int = 2, passes: int = 3) -> np.ndarray:
+    """Repeated separable box blur (≈ a Gaussian of sigma ``radius·sqrt(passes/3)``)."""
+    x = np.asarray(images, dtype=np.float32)
+    k = 2 * radius + 1
+    for _ in range(passes):
+        for axis in (1, 2):
+            pad = [(0, 0)] * x.ndim
+            pad[axis] = (radius, radius)
+            xp = np.pad(x, pad, mode="edge")
+            c = np.cumsum(xp, axis=axis, dtype=np.float64)
+            zero = np.zeros_like(np.take(c, [0], axis=axis))
+            c = np.concatenate([zero, c], axis=axis)
+            n = x.shape[axis]
+            x = ((np.take(c, np.arange(k, k + n), axis=axis) - np.take(c, np.arange(0, n), axis=axis)) / k
+                 ).astype(np.float32)
+    return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
+def generated_outliers(images: np.ndarray, seed: int = 0) -> np.ndarray:
+    """Validation outliers from ID images: the first half patch-shuffled (4×4 grid), the
+    second half heavily blurred (radius ``max(1, height // 14)``, three passes). They keep the
+    ID pixel statistics and destroy object shape, and share no image with any test set."""
+    images = np.asarray(images)
+    half = len(images) // 2
+    radius = max(1, images.shape[1] // 14)
+    return np.concatenate([patch_shuffle(images[:half], grid=4, seed=seed),
+                           box_blur(images[half:], radius=radius, passes=3)])

@@ -24,7 +24,8 @@ __all__ = [
     "register",
 ]
 
-FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm", "discopatch", "mol")
+FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm",
+            "vlm_tuned", "vlm_foundation", "discopatch", "mol")
 _loaded = False
 
 

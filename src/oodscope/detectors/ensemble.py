@@ -128,7 +128,6 @@ class Ensemble(Detector):
     search_space = {"method": ["zscore", "rank"]}
     score_params = frozenset({"method", "weights"})  # neither changes what fit learns
     transient_state = frozenset({"_raw_cache_"})
-    test_params = {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"}
     reference = (
         "Score fusion of OOD detectors (z-score / rank averaging); see e.g. Haroush et al., "
         "A Statistical Framework for Efficient Out of Distribution Detection in Deep Neural "

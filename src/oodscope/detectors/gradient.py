@@ -84,7 +84,7 @@ class _PerturbedSoftmax(Detector):
     def _score(self, x: Features) -> np.ndarray:
         import torch
 
-        from ..extraction import _split_output
+        from .._outputs import output_tensors
 
         inputs = x.extras["inputs"]
         if inputs.dtype.kind != "f":
@@ -111,7 +111,7 @@ class _PerturbedSoftmax(Detector):
                 if self.epsilon > 0:
                     xt.requires_grad_(True)
                     with torch.enable_grad():
-                        logits = _split_output(model(xt))["logits"]
+                        logits = output_tensors(model(xt))["logits"]
                         pred = logits.detach().argmax(dim=1)
                         # summed, not averaged: each sample's gradient is independent of the batch
                         loss = torch.nn.functional.cross_entropy(logits / T, pred, reduction="sum")
@@ -121,7 +121,7 @@ class _PerturbedSoftmax(Detector):
                         step = step / std
                     xt = (xt.detach() - float(self.epsilon) * step).detach()
                 with torch.no_grad():
-                    logits = _split_output(model(xt))["logits"]
+                    logits = output_tensors(model(xt))["logits"]
                 logits = logits.detach().double().cpu().numpy()
                 out[start : start + len(batch)] = softmax(logits / T, axis=1).max(axis=1)
         finally:

@@ -2,7 +2,6 @@
 
 >>> from oodscope import models
 >>> net = models.create("small_cnn", num_classes=10)            # 28x28 grey inputs
->>> net, meta = models.reference_model("fashion-mnist")          # trained once, then cached
 >>> wrapped = models.adapt(my_net, penultimate="avgpool")         # any torch model
 
 Every network here ends in an ``nn.Linear`` attribute ``fc``: `oodscope.extract` records
@@ -20,7 +19,6 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .nets import ResNet18Cifar, SmallCNN
 
 __all__ = [
-    "RECIPES",
     "Adapted",
     "ResNet18Cifar",
     "SmallCNN",
@@ -28,7 +26,6 @@ __all__ = [
     "create",
     "list_models",
     "load_checkpoint",
-    "reference_model",
     "register_model",
     "save_checkpoint",
 ]
@@ -61,11 +58,3 @@ def create(name: str, num_classes: int, in_channels: int = 1, **kwargs):
     model = _MODELS[key](num_classes=num_classes, in_channels=in_channels, **kwargs)
     model.oodscope_arch = {"name": key, "kwargs": {"num_classes": num_classes, "in_channels": in_channels, **kwargs}}
     return model
-
-
-def __getattr__(name: str):
-    if name in ("reference_model", "RECIPES"):
-        from . import reference
-
-        return getattr(reference, name)
-    raise AttributeError(name)

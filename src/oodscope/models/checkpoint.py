@@ -4,8 +4,9 @@
 ``model.json``. The JSON holds the architecture (``meta["arch"]``: registry name and
 constructor arguments) so `load_checkpoint` can rebuild the network, plus whatever the
 caller adds (normalisation, accuracy, training recipe). When the model was extended by a
-training objective (``meta["objective"] = {"name": ..., "params": ...}``) the objective's
-``setup`` is replayed before the weights are loaded.
+training objective (``meta["objective"] = {"name": ..., "params": ...}``), a ``prepare``
+step must rebuild the extension before the weights load: `oodscope.train.load_checkpoint`
+replays the objective's ``setup``.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 __all__ = ["load_checkpoint", "load_state_into", "meta_path", "save_checkpoint"]
 
@@ -98,11 +99,15 @@ def load_state_into(model, state: dict, source: str = "checkpoint") -> None:
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: str | Path, model=None, map_location: str = "cpu"):
+def load_checkpoint(path: str | Path, model=None, map_location: str = "cpu",
+                    prepare: Callable[[Any, dict], None] | None = None):
     """Return ``(model, meta)`` from a checkpoint written by `save_checkpoint`.
 
     ``model``: load into this module instead of rebuilding it from ``meta["arch"]`` (needed
-    for networks that are not in the `oodscope.models` registry).
+    for networks that are not in the `oodscope.models` registry). ``prepare(model, meta)``
+    runs on the rebuilt network before the weights load (a training objective's extension);
+    a checkpoint whose ``meta["objective"]`` needs one and gets none is refused with a
+    message naming `oodscope.train.load_checkpoint`.
     """
     from safetensors.torch import load_file
 
@@ -123,12 +128,15 @@ def load_checkpoint(path: str | Path, model=None, map_location: str = "cpu"):
         from . import create
 
         model = create(arch["name"], **arch.get("kwargs", {}))
-        objective = meta.get("objective")
-        if objective and objective.get("name"):
-            from ..train.base import create_objective
-
-            obj = create_objective(objective["name"], **objective.get("params", {}))
-            obj.setup(model, arch.get("kwargs", {}).get("num_classes"))
-    load_state_into(model, state, str(weights))
+        if prepare is not None:
+            prepare(model, meta)
+    try:
+        load_state_into(model, state, str(weights))
+    except ValueError:
+        objective = (meta.get("objective") or {}).get("name")
+        if objective and prepare is None:
+            raise ValueError(f"{weights} was trained with the objective {objective!r}, which changes the "
+                             "network; load it with oodscope.train.load_checkpoint.") from None
+        raise
     model.eval()
     return model, meta

@@ -19,7 +19,7 @@ class SmallCNN(nn.Module):
     default (``image_size`` sets the square input side).
 
     Small enough to train on Fashion-MNIST on two CPU cores in a few minutes (see
-    `oodscope.models.reference` for the recipe and its accuracy). The features are the
+    `oodscope.train.reference` for the recipe and its accuracy). The features are the
     ``feature_dim``-wide ReLU output that feeds ``fc``.
 
     ``feature_norm=True`` puts a BatchNorm between the penultimate linear layer and its

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from ..metrics import auroc
 from .plots import histograms_png, roc_curve_png
 
 __all__ = ["render_report", "write_report"]
@@ -182,6 +183,35 @@ def _figures_html(result) -> tuple[str, str]:
     return "".join(roc_parts), "".join(hist_parts)
 
 
+def _generalization_html(result) -> str:
+    """Accuracy under covariate shift beside detection: how much accuracy the shift costs, and
+    how strongly each detector flags the shifted (still in-distribution) inputs."""
+    gen = result.info.get("generalization")
+    if not gen:
+        return ""
+    clean = gen["clean_accuracy"]
+    rows = [[name, _fmt(acc, nd=2), _fmt(acc / clean if clean else float("nan"), nd=1)]
+            for name, acc in gen["accuracy"].items()]
+    parts = [f"<p>Mean accuracy over the shifted sets {_fmt(gen['mean_shift_accuracy'], nd=2)} % vs "
+             f"{_fmt(clean, nd=2)} % clean: relative robustness {_fmt(gen['relative_robustness'], nd=1)} %.</p>",
+             _table(["test set", "accuracy %", "relative to clean %"], rows)]
+    shifted = [k for k in gen["accuracy"] if k != "clean"]
+    det_rows = []
+    for det, sc in result.scores.items():
+        aucs = [auroc(sc["test_id"], sc[f"{k} (as ID)"]) for k in shifted if f"{k} (as ID)" in sc]
+        if aucs:
+            det_rows.append([det, *[_fmt(a) for a in aucs]])
+    if det_rows:
+        parts.append("<p>Detection of the shift itself: AUROC of clean test ID vs each shifted set "
+                     "(50 = the detector ignores the shift, as a semantic-OOD detector should; a "
+                     "covariate-shift detector such as DisCoPatch aims high).</p>")
+        parts.append(_table(["detector", *shifted], sorted(det_rows, key=lambda r: r[0])))
+    else:
+        parts.append('<p class="small">Run with --full-spectrum to also see how strongly each '
+                     "detector flags the shifted inputs.</p>")
+    return '<h2 id="generalization">Generalisation under covariate shift</h2>' + "".join(parts)
+
+
 def render_report(result) -> str:
     """The report of a `oodscope.bench.runner.BenchResult` as an HTML string."""
     info = result.info
@@ -226,6 +256,7 @@ def render_report(result) -> str:
 <h2 id="leaderboard">Leaderboard</h2>
 {_leaderboard_html(result, "standard")}
 {fs_html}
+{_generalization_html(result)}
 <h2 id="validation-ood">Validation OOD set</h2>
 <div class="note"><p><b>What:</b> {_e(val_desc)}</p><p><b>Why:</b> {_e(val_why or "It is disjoint from every test OOD set, so choosing hyperparameters on it cannot leak test information.")}</p></div>
 <h2 id="hyperparameters">Chosen hyperparameters</h2>

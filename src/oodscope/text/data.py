@@ -42,6 +42,7 @@ __all__ = [
     "load_banking77_oos",
     "load_clinc150",
     "load_clinc_single_domain_oos",
+    "load_labelled_file",
     "load_rostd",
     "load_text_dataset",
     "load_text_file",
@@ -411,6 +412,38 @@ def load_text_dataset(
     _check_classes(in_scope, f"{files[fit_split]} column {label_column!r}")
     splits, names = _encode_labels(named, fit_split, oos_labels, unknown)
     return TextDataset(name, splits, names, {"files": {k: str(v) for k, v in files.items()}})
+
+
+def load_labelled_file(path: str | Path, text_column: str = "text", label_column: str = "label",
+                    oos_label: str = "oos", seed: int = 0) -> TextDataset:
+    """One labelled ``.csv``/``.tsv``/``.jsonl`` file as an OOD benchmark dataset: the in-scope
+    rows split 60/20/20 into ``train``/``val``/``test`` (stratified by label, seeded), the rows
+    labelled ``oos_label`` in two halves, ``oos_val`` (for tuning) and ``oos_test`` (the test
+    OOD set), which share no row."""
+    from ..data.dataset import holdout_split
+
+    texts, labels = load_text_file(path, text_column, label_column)
+    if labels is None:
+        raise ValueError(f"{path}: needs a label column ({label_column!r}).")
+    is_oos = np.asarray([lab == oos_label for lab in labels])
+    oos_idx, in_idx = np.flatnonzero(is_oos), np.flatnonzero(~is_oos)
+    if len(oos_idx) < 2:
+        raise ValueError(f"{path}: {len(oos_idx)} rows labelled {oos_label!r}; at least two out-of-scope rows "
+                         "are needed (one to tune on, one to test on). Set the OOS label with --oos-label.")
+    in_labels = [labels[i] for i in in_idx]
+    _check_classes(in_labels, f"{path} column {label_column!r}")
+    rng = np.random.default_rng(seed)
+    oos_perm = rng.permutation(oos_idx)
+    half = len(oos_perm) // 2
+    n_test = max(1, round(0.2 * len(in_idx)))
+    rest, test_pos = holdout_split(np.asarray(in_labels), n_test, seed)
+    fit_pos, val_pos = holdout_split(np.asarray(in_labels)[rest], n_test, seed + 1)
+    parts = {"train": in_idx[rest[fit_pos]], "val": in_idx[rest[val_pos]], "test": in_idx[test_pos],
+             "oos_val": np.sort(oos_perm[:half]), "oos_test": np.sort(oos_perm[half:])}
+    named = {k: ([texts[i] for i in idx], [labels[i] for i in idx]) for k, idx in parts.items()}
+    splits, names = _encode_labels(named, "train", [oos_label], unknown="error")
+    return TextDataset(Path(path).stem, splits, names, {"source": str(path)},
+                       {"oos": {"val": "oos_val", "test": "oos_test"}})
 
 
 # ----------------------------------------------------------------- Few-Shot-Intent-Detection layout

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .._cache import cache_key, fingerprint
 from .data import validate_texts
 
 __all__ = [
@@ -327,11 +328,7 @@ def encode_cached(encoder: TextEncoder, texts: Sequence[str], cache_dir: str | P
     if cache_dir is False:
         return encoder.encode(texts, batch_size, progress)
     root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_dir()
-    h = hashlib.sha256(encoder.fingerprint().encode())
-    for t in texts:
-        h.update(t.encode("utf-8"))
-        h.update(b"\x00")
-    path = root / "text_embeddings" / f"{h.hexdigest()[:32]}.npz"
+    path = root / "text_embeddings" / f"{cache_key({'model': encoder.fingerprint(), 'data': fingerprint(texts)})}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as z:

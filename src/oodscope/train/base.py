@@ -26,7 +26,7 @@ def register_objective(name: str):
 def _load() -> None:
     import importlib
 
-    for module in ("oodscope.train.objectives", "oodscope.train.hvcm"):
+    for module in ("oodscope.train.objectives", "oodscope.train.hvcm", "oodscope.train.weight_ensembles"):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -153,6 +153,153 @@ def evaluate(model, data, device: str = "cpu", batch_size: int = 512, mean=None,
     return {"accuracy": correct / total, "loss": loss_sum / total, "n": total}
 
 
+def _checked_objective(objective, outliers, train_data, epochs: int, batch_size: int, max_steps: int | None):
+    """The objective (cross-entropy by default), after every argument check that needs no data pass."""
+    from ..data import ImageDataset
+    from .base import CrossEntropy, Objective
+
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}.")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if max_steps is not None and max_steps < 1:
+        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}.")
+    objective = CrossEntropy() if objective is None else objective
+    if not isinstance(objective, Objective) and not hasattr(objective, "loss"):
+        raise ValueError(f"objective must be an oodscope.train.Objective, got {type(objective).__name__}.")
+    if getattr(objective, "needs_outliers", False) and outliers is None:
+        raise ValueError(f"{type(objective).__name__} needs auxiliary outliers: pass outliers= "
+                         "(e.g. oodscope.train.outliers.get_outlier_source('photos', id_data=train)).")
+    if isinstance(outliers, ImageDataset) and len(outliers) == 0:
+        raise ValueError("The outlier dataset is empty.")
+    if outliers is not None and isinstance(train_data, ImageDataset):
+        from .outliers import check_outliers_for
+
+        # a wrong outlier image shape fails here, not at the first training step
+        check_outliers_for(objective, outliers, train_data.images.shape[1:])
+    return objective
+
+
+def _normalization(train_data, mean, std):
+    """``(mean, std, record)``: statistics of the training images when not given."""
+    from ..data import ImageDataset, channel_stats
+
+    if isinstance(train_data, ImageDataset) and (mean is None or std is None):
+        mean, std = channel_stats(train_data)
+    if mean is None or std is None:
+        return mean, std, None
+    return mean, std, {"mean": [float(v) for v in np.atleast_1d(mean)], "std": [float(v) for v in np.atleast_1d(std)]}
+
+
+def _optimizer(model, objective, optimizer: str, lr: float | None, weight_decay: float | None, momentum: float):
+    """``(optimizer, its parameters, lr)``: Adam/AdamW (default lr 1e-3, no decay) or SGD
+    (lr 0.1, Nesterov momentum, decay 5e-4), over the model's and the objective's parameters."""
+    torch = _torch()
+    params, seen = [], set()
+    for p in list(model.parameters()) + list(objective.parameters() or []):
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    name = optimizer.lower()
+    if name in ("adam", "adamw"):
+        lr = 1e-3 if lr is None else lr
+        cls = torch.optim.Adam if name == "adam" else torch.optim.AdamW
+        opt = cls(params, lr=lr, weight_decay=0.0 if weight_decay is None else weight_decay)
+    elif name == "sgd":
+        lr = 0.1 if lr is None else lr
+        wd = 5e-4 if weight_decay is None else weight_decay
+        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=wd)
+    else:
+        raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}.")
+    if not (lr > 0 and math.isfinite(lr)):
+        raise ValueError(f"lr must be a positive number, got {lr}.")
+    return opt, params, lr
+
+
+def _scheduler(opt, schedule: str | None, train_loader, epochs: int, max_steps: int | None):
+    """``(scheduler or None, steps per epoch or None)``; cosine decays to zero per step."""
+    try:
+        steps_per_epoch = len(train_loader)
+    except TypeError:
+        steps_per_epoch = None
+    if steps_per_epoch == 0:
+        raise ValueError("train_data yields no batches.")
+    total_steps = (steps_per_epoch * epochs) if steps_per_epoch else None
+    if max_steps is not None:
+        total_steps = min(total_steps, max_steps) if total_steps else max_steps
+    if schedule not in (None, "none", "cosine", "constant"):
+        raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}.")
+    if schedule != "cosine":
+        return None, steps_per_epoch
+    if total_steps is None:
+        raise ValueError("The cosine schedule needs a known number of steps: give max_steps= "
+                         "or data with a length.")
+    span = max(1, total_steps)
+    return _torch().optim.lr_scheduler.LambdaLR(
+        opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, span) / span))), steps_per_epoch
+
+
+class _Run:
+    """The state of one training run: what every step needs, and the step counter."""
+
+    def __init__(self, model, objective, opt, params, scheduler, out_iter, augment, grad_clip, device, seed):
+        self.model, self.objective, self.opt, self.params = model, objective, opt, params
+        self.scheduler, self.out_iter, self.augment, self.grad_clip = scheduler, out_iter, augment, grad_clip
+        self.device = device
+        self.aug_gen = _torch().Generator().manual_seed(int(seed) + 2)
+        self.step = 0
+
+    def train_step(self, batch, epoch: int) -> tuple[float, dict]:
+        """One optimiser step; a non-finite loss stops training with `NonFiniteLossError`."""
+        torch = _torch()
+        x, y = _xy(batch)
+        if y is None:
+            raise ValueError("train_data must yield (x, y) pairs with labels.")
+        x, y = x.to(self.device), y.to(self.device)
+        if x.dtype == torch.float64:
+            x = x.float()
+        if self.augment is not None:
+            x = self.augment(x, self.aug_gen)
+        x_out = next(self.out_iter).to(self.device) if self.out_iter is not None else None
+        loss, logs = self.objective.loss(self.model, x, y, x_out=x_out)
+        if not bool(torch.isfinite(loss.detach()).all()):
+            lr = self.opt.param_groups[0]["lr"]
+            raise NonFiniteLossError(_nonfinite_message(self.step + 1, epoch, loss, x, lr, logs))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        self.opt.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        self.step += 1
+        return float(loss.detach()), logs or {}
+
+    def train_epoch(self, loader, epoch: int, epochs: int, steps_per_epoch, max_steps, progress: bool):
+        """``(mean loss, mean of each logged term, whether max_steps was reached)``."""
+        from tqdm.auto import tqdm
+
+        self.model.train()
+        loss_sum, n_batches, log_sums = 0.0, 0, {}
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
+                   total=steps_per_epoch)
+        done = False
+        for batch in bar:
+            loss, logs = self.train_step(batch, epoch)
+            loss_sum += loss
+            n_batches += 1
+            for k, v in logs.items():
+                log_sums[k] = log_sums.get(k, 0.0) + float(v)
+            if progress and self.step % 20 == 0:
+                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
+            if max_steps is not None and self.step >= max_steps:
+                done = True
+                break
+        bar.close()
+        n = max(n_batches, 1)
+        return loss_sum / n, {k: v / n for k, v in log_sums.items()}, done
+
+
 def fit(model, train_data, objective=None, outliers=None, epochs: int = 5, lr: float | None = None,
         optimizer: str = "adam", schedule: str | None = "cosine", batch_size: int = 128, seed: int = 0,
         val_data=None, checkpoint=None, progress: bool = True, device: str = "cpu",
@@ -183,40 +330,10 @@ def fit(model, train_data, objective=None, outliers=None, epochs: int = 5, lr: f
     ``ValueError``). Runs are reproducible for a given ``seed`` on the same machine.
     """
     torch = _torch()
-    from tqdm.auto import tqdm
-
-    from ..data import ImageDataset, channel_stats
-    from .base import CrossEntropy, Objective
-
-    if epochs < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}.")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if max_steps is not None and max_steps < 1:
-        raise ValueError(f"max_steps must be >= 1 or None, got {max_steps}.")
-    objective = CrossEntropy() if objective is None else objective
-    if not isinstance(objective, Objective) and not hasattr(objective, "loss"):
-        raise ValueError(f"objective must be an oodscope.train.Objective, got {type(objective).__name__}.")
-    needs_outliers = bool(getattr(objective, "needs_outliers", False))
-    if needs_outliers and outliers is None:
-        raise ValueError(f"{type(objective).__name__} needs auxiliary outliers: pass outliers= "
-                         "(e.g. oodscope.train.outliers.get_outlier_source('photos', id_data=train)).")
-    if isinstance(outliers, ImageDataset) and len(outliers) == 0:
-        raise ValueError("The outlier dataset is empty.")
-    if outliers is not None and isinstance(train_data, ImageDataset):
-        from .outliers import check_outliers_for
-
-        # a wrong outlier image shape fails here, not at the first training step
-        check_outliers_for(objective, outliers, train_data.images.shape[1:])
-
+    objective = _checked_objective(objective, outliers, train_data, epochs, batch_size, max_steps)
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
-    normalization = None
-    if isinstance(train_data, ImageDataset) and (mean is None or std is None):
-        mean, std = channel_stats(train_data)
-    if mean is not None and std is not None:
-        normalization = {"mean": [float(v) for v in np.atleast_1d(mean)], "std": [float(v) for v in np.atleast_1d(std)]}
-
+    mean, std, normalization = _normalization(train_data, mean, std)
     train_loader = _as_loader(train_data, batch_size, True, seed, mean, std, "train_data", drop_last=True)
     val_loader = None if val_data is None else _as_loader(val_data, 512, False, seed, mean, std, "val_data")
     out_iter = None
@@ -225,112 +342,30 @@ def fit(model, train_data, objective=None, outliers=None, epochs: int = 5, lr: f
         out_iter = _cycle_outliers(out_loader)
 
     model.to(device)
-    n_classes = _num_classes(model, train_data, num_classes)
-    objective.setup(model, n_classes)
+    objective.setup(model, _num_classes(model, train_data, num_classes))
     model.to(device)  # setup may have added modules
-
-    params, seen = [], set()
-    for p in list(model.parameters()) + list(objective.parameters() or []):
-        if p.requires_grad and id(p) not in seen:
-            seen.add(id(p))
-            params.append(p)
-    opt_name = optimizer.lower()
-    if opt_name in ("adam", "adamw"):
-        lr = 1e-3 if lr is None else lr
-        wd = 0.0 if weight_decay is None else weight_decay
-        cls = torch.optim.Adam if opt_name == "adam" else torch.optim.AdamW
-        opt = cls(params, lr=lr, weight_decay=wd)
-    elif opt_name == "sgd":
-        lr = 0.1 if lr is None else lr
-        wd = 5e-4 if weight_decay is None else weight_decay
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=momentum > 0, weight_decay=wd)
-    else:
-        raise ValueError(f"optimizer must be 'adam', 'adamw' or 'sgd', got {optimizer!r}.")
-    if not (lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr must be a positive number, got {lr}.")
-
-    try:
-        steps_per_epoch = len(train_loader)
-    except TypeError:
-        steps_per_epoch = None
-    if steps_per_epoch == 0:
-        raise ValueError("train_data yields no batches.")
-    total_steps = (steps_per_epoch * epochs) if steps_per_epoch else None
-    if max_steps is not None:
-        total_steps = min(total_steps, max_steps) if total_steps else max_steps
-    if schedule not in (None, "none", "cosine", "constant"):
-        raise ValueError(f"schedule must be 'cosine' or None, got {schedule!r}.")
-    scheduler = None
-    if schedule == "cosine":
-        if total_steps is None:
-            raise ValueError("The cosine schedule needs a known number of steps: give max_steps= "
-                             "or data with a length.")
-        span = max(1, total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, span) / span)))
-
-    aug_gen = torch.Generator().manual_seed(int(seed) + 2)
+    opt, params, lr = _optimizer(model, objective, optimizer, lr, weight_decay, momentum)
+    scheduler, steps_per_epoch = _scheduler(opt, schedule, train_loader, epochs, max_steps)
+    run = _Run(model, objective, opt, params, scheduler, out_iter, augment, grad_clip, device, seed)
     history: dict[str, Any] = {
         "epoch": [], "train_loss": [], "val_accuracy": [], "val_loss": [], "lr": [], "logs": [],
         "steps": 0, "epoch_time_s": [], "seed": seed, "objective": repr(objective),
         "objective_name": getattr(objective, "name", type(objective).__name__),
-        "optimizer": opt_name, "base_lr": lr, "batch_size": batch_size, "normalization": normalization,
+        "optimizer": optimizer.lower(), "base_lr": lr, "batch_size": batch_size, "normalization": normalization,
     }
-    step = 0
     start = time.time()
-    done = False
     for epoch in range(epochs):
-        model.train()
         t0 = time.time()
-        loss_sum, n_batches, log_sums = 0.0, 0, {}
-        bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{epochs}", leave=False, disable=not progress,
-                   total=steps_per_epoch)
-        for batch in bar:
-            x, y = _xy(batch)
-            if y is None:
-                raise ValueError("train_data must yield (x, y) pairs with labels.")
-            x, y = x.to(device), y.to(device)
-            if x.dtype == torch.float64:
-                x = x.float()
-            if augment is not None:
-                x = augment(x, aug_gen)
-            x_out = next(out_iter).to(device) if out_iter is not None else None
-            loss, logs = objective.loss(model, x, y, x_out=x_out)
-            if not bool(torch.isfinite(loss.detach()).all()):
-                raise NonFiniteLossError(_nonfinite_message(step + 1, epoch, loss, x, opt.param_groups[0]["lr"], logs))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-            opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            step += 1
-            loss_sum += float(loss.detach())
-            n_batches += 1
-            for k, v in (logs or {}).items():
-                log_sums[k] = log_sums.get(k, 0.0) + float(v)
-            if progress and step % 20 == 0:
-                bar.set_postfix(loss=f"{loss_sum / n_batches:.4f}")
-            if max_steps is not None and step >= max_steps:
-                done = True
-                break
-        bar.close()
+        loss, logs, done = run.train_epoch(train_loader, epoch, epochs, steps_per_epoch, max_steps, progress)
         objective.on_epoch_end(epoch)
-        history["epoch"].append(epoch + 1)
-        history["train_loss"].append(loss_sum / max(n_batches, 1))
-        history["logs"].append({k: v / max(n_batches, 1) for k, v in log_sums.items()})
-        history["lr"].append(float(opt.param_groups[0]["lr"]))
-        history["epoch_time_s"].append(round(time.time() - t0, 2))
+        _record_epoch(history, epoch, loss, logs, opt, round(time.time() - t0, 2), run.step)
         if val_loader is not None:
             m = evaluate(model, val_loader, device=device)
             history["val_accuracy"].append(m["accuracy"])
             history["val_loss"].append(m["loss"])
-        history["steps"] = step
         if progress:
             val = f", val acc {history['val_accuracy'][-1]:.4f}" if val_loader is not None else ""
-            print(f"epoch {epoch + 1}/{epochs}: loss {history['train_loss'][-1]:.4f}{val} "
-                  f"({history['epoch_time_s'][-1]:.0f}s)", flush=True)
+            print(f"epoch {epoch + 1}/{epochs}: loss {loss:.4f}{val} ({history['epoch_time_s'][-1]:.0f}s)", flush=True)
         if checkpoint is not None:
             from ..models.checkpoint import save_checkpoint
 
@@ -340,3 +375,12 @@ def fit(model, train_data, objective=None, outliers=None, epochs: int = 5, lr: f
     history["wall_time_s"] = round(time.time() - start, 2)
     model.eval()
     return model, history
+
+
+def _record_epoch(history: dict, epoch: int, loss: float, logs: dict, opt, seconds: float, step: int) -> None:
+    history["epoch"].append(epoch + 1)
+    history["train_loss"].append(loss)
+    history["logs"].append(logs)
+    history["lr"].append(float(opt.param_groups[0]["lr"]))
+    history["epoch_time_s"].append(seconds)
+    history["steps"] = step

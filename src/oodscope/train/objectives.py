@@ -457,7 +457,7 @@ class ASCOOD(_Stepped):
     ``L = CE(f(x), y) + w * KL(uniform || softmax f(x_ood))``. ``alpha`` decays linearly
     from ``alpha_max`` to ``alpha_min`` over ``decay_epochs`` epochs. The paper scores with a
     post-hoc detector picked per dataset and proposes i-ODIN; ``default_detector`` is
-    ``iodin`` and `oodscope.train.compare` also reports the best detector on validation.
+    ``iodin`` and `oodscope.bench.compare` also reports the best detector on validation.
 
     Defaults: the paper's w = 1, sigma = 0.5, p_inv = 0.1, gradient mode. ``alpha`` is scaled
     down tenfold from the paper's CIFAR values (300 -> 30) to 30 -> 3: the saliency of a small

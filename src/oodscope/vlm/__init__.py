@@ -6,7 +6,10 @@
 >>> scores = det.score(ood.vlm.extract(clip, images))        # Features with image embeddings
 
 Detectors (in `oodscope.detectors.vlm`): ``mcm``, ``glmcm``, ``neglabel``, ``adaneg``,
-``clipn``, ``cooked``. torch / transformers / open_clip are imported only when a model is
+``clipn``, ``cooked``. Tuned prompts (`oodscope.vlm.prompt_tuning`, ``oodscope train-prompts``):
+``lapt``, ``local_prompt``, ``krnft``, ``cma``. Foundation-model methods
+(`oodscope.vlm.synood`, `oodscope.vlm.ants`, `oodscope.vlm.tagood`, pluggable MLLMs in
+`oodscope.vlm.mllm`): ``synood``, ``ants``, ``tagood``. torch / transformers / open_clip are imported only when a model is
 loaded or run.
 """
 

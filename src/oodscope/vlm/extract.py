@@ -8,8 +8,6 @@ benchmark runs the image tower once for every VLM detector and every hyperparame
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from .._cache import cache_key as key_of
+from .._cache import cached, fingerprint
 from ..features import Features
 from .backends import DualEncoder, load
 
@@ -89,26 +89,16 @@ def _looks_preprocessed(x: Any, size: int) -> bool:
 
 
 def _data_fingerprint(data: Any, batch_size: int) -> str:
-    h = hashlib.sha256()
     paths, labels = data, None
     if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], (list, tuple)):
         paths, labels = data
     if isinstance(paths, (list, tuple)) and paths and isinstance(paths[0], (str, os.PathLike)):
-        for p in paths:  # paths: hash names, sizes and modification times, not pixels
-            st = os.stat(p)
-            h.update(f"{os.fspath(p)}|{st.st_size}|{st.st_mtime_ns}".encode())
-        if labels is not None:
-            h.update(np.ascontiguousarray(np.asarray(labels, dtype=np.int64)).tobytes())
-        return h.hexdigest()[:24]
-    for x, y in iter_image_batches(data, batch_size):
-        items = x if isinstance(x, list) else [x]
-        for part in [*items, y]:
-            if part is None:
-                continue
-            arr = part.detach().cpu().numpy() if hasattr(part, "detach") else np.asarray(part)
-            h.update(str(arr.shape).encode() + str(arr.dtype).encode())
-            h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()[:24]
+        # paths: hash names, sizes and modification times, not pixels
+        stats = (f"{os.fspath(p)}|{os.stat(p).st_size}|{os.stat(p).st_mtime_ns}" for p in paths)
+        labels = None if labels is None else np.asarray(labels, dtype=np.int64)
+        return fingerprint([*stats, labels])
+    return fingerprint(part for x, y in iter_image_batches(data, batch_size)
+                       for part in [*(x if isinstance(x, list) else [x]), y])
 
 
 def extract(
@@ -141,21 +131,24 @@ def extract(
     encoder = load(encoder)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    cache_path = None
+    path = None
     if cache_dir is not None:
-        key_parts = {
+        key = key_of({
             "model": encoder.fingerprint,
             "data": cache_key or _data_fingerprint(data, batch_size),
             "local": bool(local),
             "local_mode": getattr(encoder, "local_mode", None),
             "local_dtype": local_dtype,
             "size": encoder.image_size,
-        }
-        key = hashlib.sha256(json.dumps(key_parts, sort_keys=True).encode()).hexdigest()[:32]
-        cache_path = Path(cache_dir) / f"vlm-features-{key}.npz"
-        if cache_path.exists():
-            return Features.load(cache_path)
+        })
+        path = Path(cache_dir) / f"vlm-features-{key}.npz"
+    return cached(path, Features.load, lambda: _embed(encoder, data, local, batch_size, preprocessed,
+                                                      local_dtype, progress, desc),
+                  lambda f, p: f.save(p))
 
+
+def _embed(encoder: DualEncoder, data: Any, local: bool, batch_size: int, preprocessed: bool | str,
+           local_dtype: str, progress: bool, desc: str) -> Features:
     from tqdm.auto import tqdm
 
     try:
@@ -187,11 +180,8 @@ def extract(
     extras = {"image_embeds": np.concatenate(globals_)}
     if local:
         extras["local_embeds"] = np.concatenate(locals_)
-    feats = Features(
+    return Features(
         labels=np.concatenate(labels) if any_labels else None,
         extras=extras,
         meta={"model": encoder.name, "embed_dim": encoder.embed_dim},
     )
-    if cache_path is not None:
-        feats.save(cache_path)
-    return feats

@@ -68,14 +68,15 @@ class TrainBudget:
 
 # --------------------------------------------------------------------------- data
 def _benchmark_data(benchmark: str, seed: int, subset: int | None, train_size: int | None):
-    """``(split data, provider, provider kwargs)`` for a supported benchmark."""
-    from ..bench import classsplit
+    """``(split data, test OOD sources)`` for a supported benchmark."""
+    from . import classsplit
+    from .spec import ProviderOptions
 
     name = benchmark.lower()
     if name.startswith("fashion-mnist-split"):
         split = int(name[len("fashion-mnist-split"):] or 0)
-        data = classsplit.split_datasets(split, seed=seed, subset=subset, train_size=train_size)
-        return data, classsplit.fashion_mnist_split, dict(classsplit.TEST_OOD_SOURCES)
+        data = classsplit.split_datasets(split, ProviderOptions(seed=seed, subset=subset), train_size=train_size)
+        return data, dict(classsplit.TEST_OOD_SOURCES)
     if name == "fashion-mnist":
         from .. import data as D
         from ..data.dataset import ImageDataset
@@ -92,30 +93,30 @@ def _benchmark_data(benchmark: str, seed: int, subset: int | None, train_size: i
                              name="fashion-mnist/train-fit")
         data = {"train": train, "val_indices": val_idx, "num_classes": 10}
         sources = {k: k for k in ("mnist", "kmnist", "notmnist", "gaussian-noise", "uniform-noise")}
-        return data, None, sources
+        return data, sources
     raise ValueError(f"--compare-training supports the benchmarks {list(SUPPORTED)}, got {benchmark!r}.")
 
 
 def _feature_set(benchmark: str, data: Any, net, seed: int, subset: int | None, fields: set[str],
                  cache_dir, progress: bool):
-    from ..bench.vision import FMNIST_MEAN, FMNIST_STD
+    from .catalog import get_benchmark
+    from .classsplit import class_split_features
+    from .spec import ProviderOptions
+    from .vision import FMNIST_MEAN, FMNIST_STD, build_fashion_mnist
 
     meta = {"normalization": {"mean": FMNIST_MEAN, "std": FMNIST_STD}, "mean": FMNIST_MEAN, "std": FMNIST_STD}
     if benchmark.lower() == "fashion-mnist":
-        from ..bench.vision import fashion_mnist
-
         meta["val_indices"] = data["val_indices"]
-        return fashion_mnist(net=net, net_meta=meta, subset=subset, seed=seed, fields=fields,
-                             cache_dir=cache_dir, progress=progress)
-    from ..bench.classsplit import fashion_mnist_split
-
-    return fashion_mnist_split(data.split, net=net, net_meta=meta, data=data, seed=seed, fields=fields,
-                               cache_dir=cache_dir, progress=progress)
+    options = ProviderOptions(net=net, net_meta=meta, subset=subset, seed=seed, fields=fields,
+                              cache_dir=cache_dir, progress=progress)
+    if benchmark.lower() == "fashion-mnist":
+        return build_fashion_mnist(get_benchmark("fashion-mnist"), options)
+    return class_split_features(data, net, meta, "the given network", options)
 
 
 # --------------------------------------------------------------------------- training
 def _objective_for(method: str, budget: TrainBudget, params: dict[str, Any] | None = None):
-    from .base import create_objective
+    from ..train.base import create_objective
 
     params = dict(params or {})
     if method.lower() == "ascood":
@@ -134,10 +135,10 @@ def train_method(method: str, data_train, budget: TrainBudget, seed: int, test_o
     """Train one network with ``method``; returns ``(net, objective, seconds, history)``."""
     import torch
 
-    from ..bench.vision import FMNIST_MEAN, FMNIST_STD
+    from .vision import FMNIST_MEAN, FMNIST_STD
     from ..models import create
-    from . import fit
-    from .outliers import check_no_leak, get_outlier_source
+    from ..train import fit
+    from ..train.outliers import check_no_leak, get_outlier_source
 
     objective = _objective_for(method, budget, params)
     outliers = None
@@ -168,7 +169,7 @@ def _paper_detector(objective) -> str:
 
 def _evaluate_detector(det, fs, val_cap: int | None, seed: int) -> dict[str, Any]:
     """Tune/fit on train + validation only, then score the test sets."""
-    from ..bench.tuning import _public_params, tune
+    from .tuning import public_params, tune
     from ..metrics import auroc, fpr_at_95_tpr
 
     vi, vo = fs.val_id, fs.val_ood
@@ -183,7 +184,7 @@ def _evaluate_detector(det, fs, val_cap: int | None, seed: int) -> dict[str, Any
         fitted, params = tr.detector, tr.best_params
     else:
         fitted = det.fit(fs.train if type(det).fit_fields is not None else None)
-        params = _public_params(det.get_params())
+        params = public_params(det.get_params())
     val_auroc = float(auroc(fitted.score(vi), fitted.score(vo)))
     s_id = fitted.score(fs.test_id)
     out: dict[str, Any] = {"val_auroc": val_auroc, "params": params}
@@ -203,7 +204,7 @@ def _evaluate_detector(det, fs, val_cap: int | None, seed: int) -> dict[str, Any
 def score_model(fs, paper_detector: str, post_hoc: Sequence[str] = POST_HOC, seed: int = 0,
                 val_cap: int | None = 2000) -> dict[str, Any]:
     """Scores of the paper's detector and of every post-hoc detector; picks the best on val."""
-    from ..bench.runner import select_detectors
+    from .runner import select_detectors
 
     names = list(dict.fromkeys([paper_detector, *post_hoc]))
     chosen, skipped = select_detectors(names, fs)
@@ -244,11 +245,11 @@ def compare_training(
     "verdict": str, "budget": dict}``; with ``out``, writes ``comparison.csv``,
     ``comparison.json`` and ``comparison.md`` there.
     """
-    from ..bench.runner import _accuracy
-    from ..bench.vision import FMNIST_MEAN, FMNIST_STD
+    from .runner import id_accuracy
+    from .vision import FMNIST_MEAN, FMNIST_STD
     from ..detectors.base import get_detector_class
     from ..models import save_checkpoint
-    from .base import list_objectives
+    from ..train.base import list_objectives
 
     if isinstance(methods, str):
         methods = [m.strip().lower() for m in methods.split(",") if m.strip()]
@@ -265,7 +266,7 @@ def compare_training(
     rows: list[dict[str, Any]] = []
     details: dict[str, Any] = {}
     for seed in seeds:
-        data, _, sources = _benchmark_data(benchmark, seed, subset, budget.train_size)
+        data, sources = _benchmark_data(benchmark, seed, subset, budget.train_size)
         train = data["train"] if isinstance(data, dict) else data.train
         for method in methods:
             if progress:
@@ -274,7 +275,7 @@ def compare_training(
             params = (method_params or {}).get(method)
             net, objective, seconds, history = train_method(method, train, budget, seed, sources, progress, params)
             label = _label(method, params)
-            if out is not None:  # the trained networks, loadable with oodscope.models.load_checkpoint
+            if out is not None:  # the trained networks, loadable with oodscope.train.load_checkpoint
                 save_checkpoint(net, Path(out) / "models" / f"{label}-seed{seed}.safetensors", {
                     "objective": {"name": method, "params": _objective_params(objective)},
                     "default_detector": objective.default_detector, "benchmark": benchmark,
@@ -282,7 +283,7 @@ def compare_training(
             paper = _paper_detector(objective)
             fields = set().union(*(get_detector_class(d).all_requirements() for d in [paper, *post_hoc]))
             fs = _feature_set(benchmark, data, net, seed, subset, fields, cache_dir, progress)
-            acc = _accuracy(fs.test_id)
+            acc = id_accuracy(fs.test_id)
             sc = score_model(fs, paper, post_hoc, seed)
             row: dict[str, Any] = {"method": label, "seed": seed, "id_accuracy": acc, "train_s": seconds,
                                    "paper_detector": sc["paper"], "best_posthoc": sc["best"]}
