@@ -42,7 +42,7 @@ def main() -> None:
     from oodscope import data as D
     from oodscope.bench.vision import FMNIST_MEAN, FMNIST_STD, model_normalization
     from oodscope.extraction import extract
-    from oodscope.models import reference_model
+    from oodscope.train import reference_model
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     net, meta = reference_model("fashion-mnist", train_if_missing=True)
