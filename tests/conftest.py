@@ -189,6 +189,8 @@ def synthetic_detector_names() -> list[str]:
 #: constructor arguments that keep a detector fast on the synthetic problem (test-only knowledge)
 TEST_PARAMS: dict[str, dict] = {
     "ensemble": {"members": ["energy", ("knn", {"k": 5}), "mahalanobis"], "method": "zscore"},
+    "discopatch": {"patch_size": 4, "steps": 8, "batch_images": 8},
+    "mol": {"meta_iters": 15, "tasks_per_iter": 2},
 }
 
 

@@ -172,7 +172,6 @@ class DisCoPatch(Detector):
                  "Improved Out-of-Distribution Detection, arXiv 2501.08005 (2025); code caetas/DisCoPatch")
     search_space = {"test_patches": [8, 16, 32]}
     score_params = frozenset({"test_patches"})
-    test_params = {"patch_size": 4, "steps": 8, "batch_images": 8}
     sign_test_exempt = ("unsupervised covariate-shift detector trained in a few steps on the synthetic "
                         "vectors-as-8x8-images; tests/test_detectors_discopatch.py checks its sign")
     transient_state = frozenset()

@@ -61,7 +61,6 @@ class MOL(Detector):
     reference = ("Wu, Lu, Fang & Zhang, Meta OOD Learning for Continuously Adaptive OOD Detection, ICCV 2023 "
                  "(arXiv 2309.11705; recipe unverified, see oodscope list notes)")
     min_fit_samples = 4
-    test_params = {"meta_iters": 15, "tasks_per_iter": 2}
 
     def __init__(self, hidden: int = 0, inner_steps: int = 1, inner_lr: float = 0.1, adapt_steps: int = 5,
                  meta_iters: int = 300, tasks_per_iter: int = 4, outer_lr: float = 1e-2, support_size: int = 20,
