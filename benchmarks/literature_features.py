@@ -65,8 +65,13 @@ def build(out: Path = DEFAULT_OUT, severity: int = 3) -> dict[str, Features]:
     return feats
 
 
-def splits(out: Path = DEFAULT_OUT) -> dict[str, Features]:
-    """The cached splits (built on first use)."""
+def splits(out: Path | None = None) -> dict[str, Features]:
+    """The cached splits (built on first use), in a folder named after the reference CNN's
+    checkpoint, so a new reference recipe never reuses features of the old one."""
+    if out is None:
+        from oodscope.train.reference import reference_path
+
+        out = DEFAULT_OUT / reference_path("fashion-mnist").stem
     if not all((out / f"{n}.npz").exists() for n in NAMES):
         return build(out)
     return {n: Features.load(out / f"{n}.npz") for n in NAMES}

@@ -193,6 +193,8 @@ TEST_PARAMS: dict[str, dict] = {
     "webo": {"energy_weights": [1.0, 0.5, 2.0, 1.0, 1.5]},
     # ~120 training samples per class: a tail of 20 would be a sixth of each class
     "openmax": {"tail_size": 10},
+    "discopatch": {"patch_size": 4, "steps": 8, "batch_images": 8},
+    "mol": {"meta_iters": 15, "tasks_per_iter": 2},
 }
 
 

@@ -119,10 +119,21 @@ def _image_example(name):
     return det, train, Features.concat([p.test_id[:40], p.test_ood[:40]])
 
 
+def _mlkd_example():
+    from oodscope.text import text_array
+
+    teacher, tok = _tiny_lm()
+    train = Features(extras={"text": text_array(["the rain", "the snow wind", "bake the bread"] * 4)})
+    test = Features(extras={"text": text_array(["the sun rain", "team goal bank loan"])})
+    det = ood.create("mlkd", teacher_model=teacher, tokenizer=tok, steps=3, batch_size=4, max_length=8,
+                     student={"n_layer": 2, "n_embd": 16, "n_head": 2}, scoring="distillation")
+    return det.fit(train), train, test
+
+
 def has_example(name: str) -> bool:
     cls = get_detector_class(name)
     return (cls.all_requirements() <= SYNTHETIC_FIELDS or "image_embeds" in cls.requires
-            or name in ("abet", "lm_ratio") or name in TUNED_VLM or name in IMAGE_EXAMPLES)
+            or name in ("abet", "lm_ratio", "mlkd") or name in TUNED_VLM or name in IMAGE_EXAMPLES)
 
 
 def fitted_example(name: str):
@@ -138,6 +149,8 @@ def fitted_example(name: str):
         return _lm_example()
     if name in IMAGE_EXAMPLES:
         return _image_example(name)
+    if name == "mlkd":
+        return _mlkd_example()
     p = _problem()
     det = make_detector(name, p)
     train = p.train if cls.fit_fields is not None else None

@@ -70,7 +70,11 @@ def test_distance_quantile_and_dkw_by_hand():
     det.num_classes_ = 2
     det.d_cdf_, det.d_offsets_ = np.array([1.0, 2.0, 3.0, 4.0, 2.0, 6.0]), np.array([0, 4, 6])
     # d0 = 2.5: class 0: 1 - 2/4 = 0.5; class 1: 1 - 1/2 = 0.5 -> 0.5; d0 = 0.5 -> 1; d0 = 7 -> 0
-    np.testing.assert_allclose(det._distance_quantile(np.array([2.5, 0.5, 7.0, 3.5])), [0.5, 1.0, 0.0, 0.25])
+    d0, pred = np.array([2.5, 0.5, 7.0, 3.5]), np.array([0, 1, 0, 1])
+    np.testing.assert_allclose(det._distance_quantile(d0, pred), [0.5, 1.0, 0.0, 0.25])
+    # "predicted": class 0 for 2.5 -> 0.5; class 1 for 0.5 -> 1; class 0 for 7 -> 0; class 1 for 3.5 -> 0.5
+    det.distance_mode = "predicted"
+    np.testing.assert_allclose(det._distance_quantile(d0, pred), [0.5, 1.0, 0.0, 0.5])
     det.alpha = 0.95
     det.qbin_cdf_, det.qbin_offsets_ = np.array([0.5, 1.0, 1.5, 2.0, 1.0]), np.array([0, 4, 5])
     eps = det._dkw_errors(np.array([1.7]), 1)
@@ -196,6 +200,7 @@ def test_persisted_state_round_trips(tmp_path):
     ({"alpha": 1.0}, "alpha"), ({"alpha": 0.3}, "alpha"), ({"calibration_fraction": 1.0}, "calibration_fraction"),
     ({"calibration_fraction": 1}, "calibration_fraction"), ({"max_q": 0}, "max_q"),
     ({"rescaler_iters": 2.5}, "rescaler_iters"), ({"rescaler_ridge": -1.0}, "rescaler_ridge"),
+    ({"distance_mode": "max"}, "distance_mode"),
 ])
 def test_bad_hyperparameters_raise(params, match):
     train, _, _ = _noisy_problem(n=50)
@@ -210,3 +215,30 @@ def test_one_class_logits_and_missing_labels_raise():
         SDM().fit(one)
     with pytest.raises(ValueError, match="labels"):
         SDM().fit(train.replace(labels=None))
+
+
+def test_held_out_calibration_keeps_all_of_train_as_support():
+    train, held, far = _noisy_problem(seed=3, n=800)
+    cal, test = held[:300], held[300:]
+    det = ood.create("sdm").fit(train, calibration=cal)
+    assert len(det.support_features_) == len(train)
+    np.testing.assert_array_equal(det.support_features_, train.features)
+    assert det.d_offsets_[-1] <= len(cal)  # distance eCDFs come from the calibration points
+    # far OOD sits at the floor with the ID points whose nearest neighbour disagrees (q = 0)
+    s_id, s_far = det.score(test), det.score(far)
+    assert np.ptp(s_far) == 0 and ood.metrics.auroc(s_id, s_far) > 0.85
+    split = ood.create("sdm").fit(train)
+    assert len(split.support_features_) == len(train) - round(0.5 * len(train))
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda f: f.replace(labels=-np.ones(len(f), int)), "in-distribution labels"),
+    (lambda f: f.replace(labels=np.full(len(f), 9)), "in-distribution labels"),
+    (lambda f: f.replace(features=f.features[:, :3]), "width"),
+    (lambda f: f.replace(labels=None), "labels"),
+    (lambda f: f.replace(logits=np.where(np.arange(len(f))[:, None] == 2, np.nan, f.logits)), "NaN"),
+])
+def test_bad_calibration_set_raises(change, match):
+    train, cal, _ = _noisy_problem(n=200)
+    with pytest.raises(ValueError, match=match):
+        SDM().fit(train, calibration=change(cal))

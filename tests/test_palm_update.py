@@ -82,3 +82,31 @@ def test_mle_uses_the_updated_prototypes():
     own = np.array([0, 0, 1, 2])  # top-1 assignment on the updated prototypes is unchanged here
     lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
     assert np.isclose(logs["mle"], np.mean(lse - logits[np.arange(4), own]), rtol=1e-10)
+
+
+def test_mle_keeps_the_prototypes_chosen_before_the_update():
+    """The authors' loss mask: top-k prototypes from the pre-update assignment, Sinkhorn
+    weights from the updated prototypes. Here one sample's top-1 changes with the update."""
+    import torch.nn.functional as F
+
+    from oodscope.train.objectives import sinkhorn
+
+    zs = [[0.34, -0.94], [-0.167, -0.986], [0.844, 0.537], [-0.388, 0.922], [0.453, -0.892], [0.953, -0.303]]
+    ys = [0, 0, 0, 1, 1, 1]
+    obj, net = _palm(zs)
+    obj.momentum = 0.5
+    z, y = F.normalize(torch.tensor(zs, dtype=torch.float64), dim=1), torch.tensor(ys)
+    before = obj.assignment(z, y)
+    protos = obj.prototypes_.clone()
+    _, logs = obj.loss(net, torch.zeros(6, 3, dtype=torch.float64), y)
+    updated = obj.prototypes_
+    mask = (y[:, None] == obj.prototype_labels_[None]).double()
+    q = sinkhorn(z @ updated.T, 0.05, 3) * mask
+    own = q * (before > 0)
+    own = own / own.sum(1, keepdim=True)
+    recomputed = obj.assignment(z, y, updated)
+    assert not torch.equal(recomputed > 0, before > 0)  # the case this test is about
+    logits = z @ updated.T / 0.1
+    expected = (torch.logsumexp(logits, 1) - (own * logits).sum(1)).mean()
+    assert np.isclose(logs["mle"], float(expected), rtol=1e-10)
+    assert not torch.equal(protos, updated)

@@ -27,7 +27,8 @@ __all__ = [
 FAMILIES = ("logits", "shaping", "distance", "density", "gradient", "ensemble", "vlm", "text", "sdm",
             "vlm_tuned", "vlm_foundation",
             "rank", "neuron", "adascale", "prototype", "mdsens", "energy_weighted", "openmax", "bayes",
-            "multilayer")
+            "multilayer",
+            "discopatch", "mol")
 _loaded = False
 
 

@@ -567,7 +567,8 @@ class AdaNeg(NegLabel):
 # ---------------------------------------------------------------- CLIPN
 @register("clipn")
 class CLIPN(_ZeroShot):
-    """CLIPN scores from "yes" and "no" text embeddings (training CLIPN is out of scope).
+    """CLIPN scores from "yes" and "no" text embeddings. The "no" tower is trained (or loaded
+    from a released checkpoint) with `oodscope.vlm.clipn`; `CLIPNNoText` is its ``no_encoder``.
 
     With ``l_i = s·cos(img, yes_i)`` and ``l^no_i = s·cos(img, no_i)`` (s = ``logit_scale``),
     ``p_yes,i = e^{l_i} / (e^{l_i} + e^{l^no_i})``:

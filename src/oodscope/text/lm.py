@@ -50,10 +50,19 @@ def _prepare_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
+def _start_token(tokenizer: Any) -> int | None:
+    """BOS, else EOS, else CLS (BERT-style vocabularies): the token every text starts with."""
+    for name in ("bos_token_id", "eos_token_id", "cls_token_id"):
+        tid = getattr(tokenizer, name, None)
+        if tid is not None:
+            return tid
+    return None
+
+
 def _encode(tokenizer: Any, texts: list[str], max_length: int) -> tuple[list[list[int]], int]:
-    """Token ids per text with a leading BOS (or EOS) so the first word is scored too;
-    returns the number of texts that had to be truncated."""
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    """Token ids per text with a leading BOS (or EOS, or CLS) so the first word is scored
+    too; returns the number of texts that had to be truncated."""
+    start = _start_token(tokenizer)
     ids = tokenizer(texts, add_special_tokens=False)["input_ids"]
     out, n_cut = [], 0
     for seq in ids:
@@ -87,12 +96,7 @@ def sequence_log_likelihood(model: Any, tokenizer: Any, texts: Sequence[str], ba
         with torch.no_grad():
             for s in tqdm(range(0, len(texts), batch_size), disable=not progress, desc="log-likelihood", leave=False):
                 idx = order[s:s + batch_size]
-                width = max(len(ids[i]) for i in idx)
-                inp = torch.full((len(idx), width), tokenizer.pad_token_id, dtype=torch.long)
-                mask = torch.zeros((len(idx), width), dtype=torch.long)
-                for r, i in enumerate(idx):
-                    inp[r, :len(ids[i])] = torch.tensor(ids[i])
-                    mask[r, :len(ids[i])] = 1
+                inp, mask = _pad_batch([ids[i] for i in idx], tokenizer.pad_token_id)
                 inp, mask = inp.to(device), mask.to(device)
                 logits = model(input_ids=inp, attention_mask=mask).logits[:, :-1].double()
                 logp = torch.log_softmax(logits, dim=-1).gather(-1, inp[:, 1:, None]).squeeze(-1)
@@ -104,6 +108,19 @@ def sequence_log_likelihood(model: Any, tokenizer: Any, texts: Sequence[str], ba
     if np.any(count == 0):
         raise ValueError("Some texts have no scorable token (need at least one token after BOS).")
     return {"total": total, "mean": total / count, "n_tokens": count}
+
+
+def _pad_batch(seqs: list[list[int]], pad_id: int) -> tuple[Any, Any]:
+    """``(input_ids, attention_mask)`` long tensors, right-padded to the longest sequence."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    inp = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(inp)
+    for r, s in enumerate(seqs):
+        inp[r, :len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[r, :len(s)] = 1
+    return inp, mask
 
 
 def _check_pair(base: Any, finetuned: Any) -> None:
@@ -172,12 +189,7 @@ def finetune_causal_lm(base: Any, tokenizer: Any, texts: Sequence[str], steps: i
     for _ in tqdm(range(int(steps)), disable=not progress, desc="finetune LM", leave=False):
         idx = rng.choice(len(ids), size=min(batch_size, len(ids)), replace=False)
         seqs = [ids[i] + ([eos] if eos is not None and len(ids[i]) < max_length else []) for i in idx]
-        width = max(len(s) for s in seqs)
-        inp = torch.full((len(seqs), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros_like(inp)
-        for r, s in enumerate(seqs):
-            inp[r, :len(s)] = torch.tensor(s)
-            mask[r, :len(s)] = 1
+        inp, mask = _pad_batch(seqs, tokenizer.pad_token_id)
         labels = inp.masked_fill(mask == 0, -100)
         out = model(input_ids=inp.to(device), attention_mask=mask.to(device), labels=labels.to(device))
         opt.zero_grad()

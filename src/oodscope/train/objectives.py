@@ -336,9 +336,8 @@ class PALM(_Stepped):
     ``L = L_MLE + lam * L_pcon``. Prototypes, as in the authors' code:
     ``p_k <- normalize(m p_k + (1 - m) sum_i w~_ik z_i)`` with ``w~`` the weights normalised
     per prototype (each prototype moves towards the weighted mean of its samples); the
-    Sinkhorn assignment and the logits of ``L_MLE`` then use the updated prototypes. (The
-    authors' code picks the loss's top-k from the pre-update weights; here it comes from
-    the recomputed ones.)
+    Sinkhorn assignment and the logits of ``L_MLE`` then use the updated prototypes, with
+    the top-k prototypes chosen before the update (the authors' ``loss_mask``).
 
     The network's ``fc`` is trained as a linear probe on detached features (cross-entropy),
     so the network still classifies; it does not shape the representation. Scored with the
@@ -391,17 +390,19 @@ class PALM(_Stepped):
         proj = getattr(self, "projection_", None)
         return list(proj.parameters()) if proj is not None else []
 
-    def assignment(self, z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor | None = None
-                   ) -> torch.Tensor:
+    def assignment(self, z: torch.Tensor, y: torch.Tensor, prototypes: torch.Tensor | None = None,
+                   keep: torch.Tensor | None = None) -> torch.Tensor:
         """Class-masked, top-k, L1-normalised Sinkhorn weights ``(B, K)`` (against
-        ``prototypes``, default the current ones)."""
+        ``prototypes``, default the current ones). ``keep`` (B, K) bool fixes which
+        prototypes each sample keeps instead of its own top-k."""
         protos = self.prototypes_ if prototypes is None else prototypes
         q = sinkhorn(z.detach() @ protos.detach().T, self.epsilon, self.sinkhorn_iters)
         mask = (y.unsqueeze(1) == self.prototype_labels_.unsqueeze(0)).to(q.dtype)
         q = q * mask
-        k = min(self.top_k, self.num_prototypes)
-        top = q.topk(k, dim=1)
-        w = torch.zeros_like(q).scatter_(1, top.indices, top.values)
+        if keep is None:
+            k = min(self.top_k, self.num_prototypes)
+            keep = torch.zeros_like(q, dtype=torch.bool).scatter_(1, q.topk(k, dim=1).indices, True)
+        w = q * keep.to(q.dtype)
         return w / w.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
     def prototype_contrastive(self, protos: torch.Tensor) -> torch.Tensor:
@@ -427,7 +428,7 @@ class PALM(_Stepped):
         w = self.assignment(z, y)
         per_proto = w / w.sum(dim=0, keepdim=True).clamp_min(1e-12)  # each prototype: weights sum to 1
         updated = F.normalize(self.momentum * self.prototypes_ + (1 - self.momentum) * (per_proto.T @ z), dim=1)
-        w = self.assignment(z, y, updated)
+        w = self.assignment(z, y, updated, keep=w > 0)
         logits = z @ updated.detach().T / self.tau
         mle = (-(w * logits).sum(dim=1) + torch.logsumexp(logits, dim=1)).mean()
         pcon = self.prototype_contrastive(updated)
