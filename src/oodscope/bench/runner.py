@@ -39,12 +39,13 @@ from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
 from ..generalization import shift_accuracies, shift_summary
 from ..metrics import accuracy, auroc, bootstrap_replicates, evaluate, fpr_at_95_tpr
+from ..selective import correct_predictions
 from .catalog import get_benchmark
 from .results import COLUMNS, METRIC_COLUMNS, BenchResult, result_row
 from .spec import BenchmarkSpec, Builder, FeatureSet, ProviderOptions, check_names
 from .tuning import public_params, score_pair, tune
 
-__all__ = ["BenchResult", "COLUMNS", "METRIC_COLUMNS", "id_accuracy", "resolve", "run", "run_benchmark",
+__all__ = ["BenchResult", "COLUMNS", "METRIC_COLUMNS", "id_accuracy", "id_correct", "resolve", "run", "run_benchmark",
            "select_detectors"]
 
 
@@ -239,9 +240,15 @@ def _rows(benchmark: str, seed: int, name: str, scores: _Scores, groups: dict[st
 
 def id_accuracy(f: Features) -> float | None:
     """Top-1 accuracy of the logits on labelled Features (None without logits or labels)."""
+    correct = id_correct(f)
+    return None if correct is None else accuracy(f.logits, f.labels)
+
+
+def id_correct(f: Features) -> np.ndarray | None:
+    """Whether argmax(logits) is the label, per sample (None without logits or ID labels)."""
     if f.logits is None or f.labels is None or not len(f) or (f.labels < 0).any():
         return None
-    return accuracy(f.logits, f.labels)
+    return correct_predictions(f.logits, f.labels)
 
 
 def _run_info(fs: FeatureSet, ood_sets: dict[str, Features], covariate: dict[str, Features],
@@ -345,7 +352,8 @@ def run(
                      ci=ci, n_boot=n_boot)
     groups.update({k: "covariate" for k in covariate})
     return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups,
-                       detectors=kept, feature_set=fs if keep_detectors else None)
+                       detectors=kept, feature_set=fs if keep_detectors else None,
+                       test_id_correct=id_correct(fs.test_id))
 
 
 # --------------------------------------------------------------------------- a benchmark
