@@ -21,6 +21,10 @@ per OOD set. Their test ID scores therefore differ per OOD set; the metrics of e
 use the ID scores of its own stream (``results.scores[det]["test_id"]`` keeps those of the
 first OOD set).
 
+A FeatureSet with a ``stream`` (`oodscope.bench.stream`) also has every detector scored stage by
+stage after the ordinary test sets (adaptive ones adapt on each stage's support set); those
+rows have ``mode="stream"``.
+
 Only detectors that declare ``requires={"model"}`` touch the network again, through the
 model the builder passed in ``FeatureSet.detector_kwargs``.
 """
@@ -43,6 +47,7 @@ from ..selective import correct_predictions
 from .catalog import get_benchmark
 from .results import COLUMNS, METRIC_COLUMNS, BenchResult, result_row
 from .spec import BenchmarkSpec, Builder, FeatureSet, ProviderOptions, check_names
+from .stream import stream_rows
 from .tuning import public_params, score_pair, tune
 
 __all__ = ["BenchResult", "COLUMNS", "METRIC_COLUMNS", "id_accuracy", "id_correct", "resolve", "run", "run_benchmark",
@@ -332,6 +337,9 @@ def run(
             fitted = _fit(det, fs, tune_params, model_tune_samples, seed)
             timing.update(fit_s=fitted.fit_s, tune_s=fitted.tune_s)
             s = _score(fitted.detector, fs, ood_sets, covariate, full_spectrum, seed)
+            t0 = time.perf_counter()
+            stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
+            s.seconds += time.perf_counter() - t0
         except Exception as exc:  # never let one detector crash the run
             msg = f"{type(exc).__name__}: {exc}".strip()
             skipped[name] = f"failed: {msg.splitlines()[0][:400]}"
@@ -345,6 +353,7 @@ def run(
         if keep_scores:
             scores[name] = {"test_id": s.id, **s.ood, **{f"{k} (as ID)": v for k, v in s.covariate.items()}}
         rows += _rows(benchmark, seed, name, s, groups, full_spectrum, ci, n_boot, fitted.params)
+        rows += stream
     bar.close()
     rows += [result_row(benchmark, "standard", seed, name, "", "", status="skipped", reason=reason)
              for name, reason in skipped.items()]

@@ -72,7 +72,7 @@ def _leaderboard_html(result, mode: str) -> str:
     seeds = sorted(ok["seed"].dropna().unique())
     first = ok[ok["seed"] == seeds[0]]
     ood_names = [o for o in dict.fromkeys(first["ood_set"]) if "(mean)" not in o]
-    mean_names = [o for o in ("near (mean)", "far (mean)") if o in set(first["ood_set"])]
+    mean_names = [o for o in ("near (mean)", "far (mean)", "stream (mean)") if o in set(first["ood_set"])]
     header = ["detector"] + [f"{m} AUROC" for m in mean_names] + [f"{m} FPR@95" for m in mean_names]
     header += [f"{o} AUROC / FPR@95" for o in ood_names] + ["hyperparameters"]
     rows = []
@@ -264,6 +264,10 @@ def render_report(result) -> str:
     if any(r["mode"] == "full-spectrum" for r in result.rows):
         fs_html = ('<h2 id="full-spectrum">Leaderboard, full-spectrum (covariate-shifted ID counts as ID)</h2>'
                    + _leaderboard_html(result, "full-spectrum"))
+    if any(r["mode"] == "stream" for r in result.rows):
+        fs_html += ('<h2 id="stream">Streaming protocol (one column per stage)</h2><p class="small">Every '
+                    "stage starts from the detector's reset state; adaptive detectors (MOL) adapt on the "
+                    "stage's labelled support set first.</p>" + _leaderboard_html(result, "stream"))
     extra = {k: v for k, v in info.items() if k in ("ood_descriptions", "sources")}
     extra_html = ""
     if extra.get("ood_descriptions"):
