@@ -18,15 +18,8 @@ import numpy as np
 from .._numeric import logsumexp
 from ..features import Features
 from ._checks import check_fraction, check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    capture_head_input,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-)
+from ._network import (capture_head_input, check_model, eval_mode, float_inputs, forward_logits,
+                       head_of, input_batches)
 from .base import Detector, register
 
 __all__ = ["AdaSCALEA", "AdaSCALEL", "adaptive_scale"]

@@ -16,19 +16,9 @@ import numpy as np
 from .._numeric import shrunk_covariance_inverse
 from ..features import Features
 from ._checks import check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    capture_head_input,
-    capture_outputs,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-    resolve_modules,
-    stage_outputs,
-    torch_pool,
-)
+from ._network import (capture_head_input, capture_outputs, check_model, eval_mode, float_inputs,
+                       forward_logits, head_of, input_batches, resolve_modules, stage_outputs,
+                       torch_pool)
 from ._stats import ScatterAccumulator, whitening_from_precision
 from .base import Detector, register
 

@@ -15,21 +15,9 @@ import numpy as np
 from .._numeric import logsumexp
 from ..features import Features
 from ._checks import check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    ANY_LAYER,
-    InstanceNeeds,
-    InstanceNeedsMethod,
-    capture_outputs,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-    resolve_modules,
-    stage_outputs,
-    torch_single_thread,
-)
+from ._network import (ANY_LAYER, InstanceNeeds, InstanceNeedsMethod, capture_outputs, check_model,
+                       eval_mode, float_inputs, forward_logits, head_of, input_batches,
+                       resolve_modules, stage_outputs, torch_single_thread)
 from .base import Detector, register
 
 __all__ = ["RankFeat", "RankWeight", "remove_rank1"]
