@@ -7,6 +7,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
 from ._stats import batched_shrunk_whitening, iter_chunks, map_chunks, progress
 from .base import Detector, register
@@ -217,11 +218,7 @@ class GramDeviation(Detector):
         seed: int = 0,
         chunk_size: int | None = None,
     ):
-        self.max_power = max_power
-        self.layers = layers
-        self.validation_fraction = validation_fraction
-        self.seed = seed
-        self.chunk_size = chunk_size
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         if (
