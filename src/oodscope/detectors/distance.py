@@ -25,6 +25,7 @@ from .._numeric import (
     softmax,
 )
 from ..features import Features
+from ._checks import check_positive_int as _check_positive_int
 from ._neighbors import probe_recall, release_rows, stream_topk, topk_inner_products
 from ._stats import (
     GaussianScorer,
@@ -66,11 +67,6 @@ def _check_chunk_size(chunk_size: Any) -> None:
         isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1
     ):
         raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _num_classes(train: Features) -> int:
