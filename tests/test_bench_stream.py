@@ -115,3 +115,20 @@ def test_fashion_mnist_c_stream_end_to_end(tmp_path):
     assert set(st.detector) == {"energy", "mol"}
     assert st.auroc.between(0, 1).all() and len(st) == 2 * 3
     assert res.info["stream"]["stages"] == ["jpeg s1", "jpeg s5"]
+
+
+class BrokenAdapt(AdaptProbe):
+    name = "brokenadapt"
+
+    def adapt(self, support):
+        raise ValueError("cannot adapt")
+
+
+def test_a_detector_that_fails_on_the_stream_keeps_its_ordinary_rows():
+    fs = _feature_set(n=100)
+    fs.stream = [_stage(fs, "s1", 0.0)]
+    res = run(fs, [BrokenAdapt()], ci=False, tune_params=False, progress=False)
+    df = res.results
+    assert (df[(df.detector == "brokenadapt") & (df["mode"] == "standard")].status == "ok").any()
+    assert not (df["mode"] == "stream").any()
+    assert "cannot adapt" in res.skipped["brokenadapt (stream)"]

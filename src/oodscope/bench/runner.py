@@ -338,7 +338,11 @@ def run(
             timing.update(fit_s=fitted.fit_s, tune_s=fitted.tune_s)
             s = _score(fitted.detector, fs, ood_sets, covariate, full_spectrum, seed)
             t0 = time.perf_counter()
-            stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
+            try:  # a detector that cannot score the stream keeps its ordinary rows
+                stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
+            except Exception as exc:
+                stream = []
+                skipped[f"{name} (stream)"] = f"stream failed: {type(exc).__name__}: {str(exc)[:300]}"
             s.seconds += time.perf_counter() - t0
         except Exception as exc:  # never let one detector crash the run
             msg = f"{type(exc).__name__}: {exc}".strip()
