@@ -115,7 +115,7 @@ def test_reference_model_missing_without_training(tmp_path):
 
 
 @pytest.mark.slow
-def test_reference_model_reaches_91_percent():
+def test_reference_model_reaches_93_percent():
     """Trains the Fashion-MNIST reference network if it is not cached (minutes on CPU)."""
     from oodscope import data
     from oodscope.train.loop import evaluate
@@ -125,7 +125,7 @@ def test_reference_model_reaches_91_percent():
     norm = meta["normalization"]
     acc = evaluate(net, data.loader(test, 1000, mean=norm["mean"], std=norm["std"]))["accuracy"]
     assert acc == pytest.approx(meta["test_accuracy"], abs=1e-6)
-    assert acc >= 0.91
+    assert acc >= 0.93
     # trained on 55,000 images; the other 5,000 (500 per class) are the benchmark's ID-val
     val = np.asarray(meta["val_indices"])
     assert meta["train_size"] == 55_000 and len(val) == 5000 and len(np.unique(val)) == 5000
