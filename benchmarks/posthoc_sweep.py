@@ -1,14 +1,16 @@
 """Every registered detector on the Fashion-MNIST benchmark, through the benchmark runner, from
 one network pass per split (prints a table).
 
-This is ``oodscope bench fashion-mnist --detectors all --no-tune`` without bootstrap CIs:
-`oodscope.bench.run_benchmark` runs the reference CNN once over each split (train minus the
+This is ``oodscope bench fashion-mnist --detectors all --no-tune`` without bootstrap CIs, split
+so that each detector's row prints as soon as it is done: the benchmark's builder runs the
+reference CNN once over each split (train minus the
 held-out part, ID-val, generated val-OOD, test ID, MNIST, Gaussian and uniform noise; KMNIST /
 notMNIST only where their files exist), storing logits, penultimate features, the head, the
 normalised inputs (for the detectors that run the network again) and, pooled per channel in
 the same pass, the extra layers the multi-layer detectors read (`oodscope.bench.layers`).
-Every detector is fitted on the train split with its default hyperparameters and scored on
-test ID and each far-OOD set; those whose inputs the benchmark cannot supply are listed with
+Then `oodscope.bench.runner.run` fits each detector on the train split with its default
+hyperparameters and scores test ID and each far-OOD set (and ID-val / val-OOD, recorded by
+the runner); those whose inputs the benchmark cannot supply are listed with
 the runner's reason. Wall time and process CPU time (all threads) of the whole run are
 printed at the end.
 
@@ -33,16 +35,11 @@ sys.path.insert(0, str(ROOT / "src"))
 if "OODSCOPE_DATA" not in os.environ and Path("/work/shared/data").exists():
     os.environ["OODSCOPE_DATA"] = "/work/shared/data"
 
-import numpy as np  # noqa: E402
 
-
-def _rows(res) -> dict[str, dict[str, tuple[float, float]]]:
-    """detector -> OOD set -> (AUROC, FPR@95), standard mode, every set and the far mean."""
-    out: dict[str, dict[str, tuple[float, float]]] = {}
-    for r in res.rows:
-        if r.get("status", "ok") == "ok" and r["mode"] == "standard" and r["ood_set"]:
-            out.setdefault(r["detector"], {})[r["ood_set"]] = (r["auroc"], r["fpr_at_95_tpr"])
-    return out
+def _metrics(res) -> dict[str, tuple[float, float]]:
+    """OOD set -> (AUROC, FPR@95) of a one-detector result, standard mode, with the far mean."""
+    return {r["ood_set"]: (r["auroc"], r["fpr_at_95_tpr"]) for r in res.rows
+            if r["status"] == "ok" and r["mode"] == "standard" and r["ood_set"]}
 
 
 def main(argv=None) -> int:
@@ -56,21 +53,22 @@ def main(argv=None) -> int:
 
     import torch
 
-    from oodscope.bench import run_benchmark
+    from oodscope.bench.catalog import get_benchmark
+    from oodscope.bench.runner import run
+    from oodscope.bench.spec import ProviderOptions
+    from oodscope.detectors import list_detectors
 
     if args.threads:
         torch.set_num_threads(args.threads)
     t0, c0 = time.perf_counter(), time.process_time()
-    res = run_benchmark("fashion-mnist", args.detectors, tune_params=False, ci=False, progress=False,
-                        provider_options={"model": args.model, "subset": args.subset, "progress": False})
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-
-    info = res.info
-    metrics = _rows(res)
-    far = [k for k, g in res.groups.items() if g == "far"]
-    timing = {t["detector"]: t for t in res.timings if t.get("status") == "ok"}
-    print(f"Fashion-MNIST, every detector through the runner: {info.get('model')}; "
-          f"test accuracy {info.get('id_accuracy', float('nan')):.4f}; splits {info['splits']}")
+    spec = get_benchmark("fashion-mnist")
+    names = None if args.detectors == "all" else tuple(d.strip() for d in args.detectors.split(","))
+    # what run_benchmark does, split so that each detector's row is printed as soon as it is done
+    fs = spec.builder()(spec, ProviderOptions(model=args.model, subset=args.subset, progress=False, detectors=names))
+    info = fs.info
+    far = list(fs.far_ood)
+    print(f"Fashion-MNIST, every detector through the runner: {info.get('model')}; splits "
+          f"{ {k: len(v) for k, v in [('train', fs.train), ('test_id', fs.test_id), *fs.far_ood.items()]} }")
     print(f"default hyperparameters, no tuning; extra layers {info.get('extra_layers')}; "
           f"torch threads {torch.get_num_threads()}")
     for note in info.get("notes", []):
@@ -81,15 +79,21 @@ def main(argv=None) -> int:
     print(("| " if args.markdown else "") + sep.join(cols) + (" |" if args.markdown else ""))
     if args.markdown:
         print("|" + "|".join(["---"] + ["---:"] * (len(cols) - 1)) + "|")
-    order = sorted(metrics, key=lambda d: -metrics[d].get("far (mean)", (np.nan,))[0])
-    for d in order:
-        m, t = metrics[d], timing.get(d, {})
-        cells = [d, f"{t.get('fit_s', np.nan):.1f}", f"{t.get('score_s', np.nan):.1f}",
+    metrics, skipped = {}, {}
+    for name in names or list_detectors():
+        res = run(fs, [name], benchmark=spec.name, tune_params=False, ci=False, progress=False)
+        skipped.update(res.skipped)
+        if name in res.skipped:
+            continue
+        m = metrics[name] = _metrics(res)
+        t = res.timings[0]
+        cells = [name, f"{t['fit_s']:.1f}", f"{t['score_s']:.1f}",
                  *(f"{m[k][0] * 100:.2f}" for k in far), *(f"{m[k][1] * 100:.2f}" for k in far),
                  f"{m['far (mean)'][0] * 100:.2f}", f"{m['far (mean)'][1] * 100:.2f}"]
-        print(("| " if args.markdown else "") + sep.join(cells) + (" |" if args.markdown else ""))
-    print(f"\n{len(metrics)} detectors ran, {len(res.skipped)} skipped:")
-    for name, reason in sorted(res.skipped.items()):
+        print(("| " if args.markdown else "") + sep.join(cells) + (" |" if args.markdown else ""), flush=True)
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    print(f"\n{len(metrics)} detectors ran, {len(skipped)} skipped:")
+    for name, reason in sorted(skipped.items()):
         print(f"  {name}: {reason}")
     extraction = sum(info.get("timings", {}).values())
     print(f"\nextraction (one pass per split) {extraction:.1f} s; whole sweep wall {wall:.1f} s, "
