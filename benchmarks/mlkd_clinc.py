@@ -12,7 +12,7 @@ budget and data: the LM loss alone (``hidden_weight=0``; the paper's "M fromScra
 Scores: the student's perplexity (S = −log PPL) and the distillation distance. Prints AUROC,
 AUPR-In and FPR@95 in %, and the time per configuration (the machine is shared: indicative).
 
-    OODSCOPE_DATA=../shared/data HF_HUB_OFFLINE=1 python benchmarks/mlkd_clinc.py [--steps 1500]
+    OODSCOPE_DATA=../shared/data HF_HUB_OFFLINE=1 python benchmarks/mlkd_clinc.py [--steps 1500] [--threads 1] [--n-test 1000]
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
+
+import numpy as np
 
 import oodscope as ood
 from oodscope import Features
@@ -32,18 +34,25 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--n-test", type=int, default=0,
+                    help="score a seeded random subset of this many texts per test split (0 = all)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads (1 is fastest on a shared, oversubscribed machine)")
     args = ap.parse_args()
     import torch
 
     from oodscope.text import load_clinc150, text_array
 
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.set_num_threads(max(1, min(args.threads, os.cpu_count() or 1)))
     ds = load_clinc150("full")
 
-    def feats(split):
-        return Features(extras={"text": text_array(ds[split].texts)})
+    def feats(split, n=0):
+        texts = text_array(ds[split].texts)
+        if 0 < n < len(texts):
+            texts = texts[np.sort(np.random.default_rng(0).choice(len(texts), n, replace=False))]
+        return Features(extras={"text": texts})
 
-    train, test_id, test_ood = feats("train"), feats("test"), feats("oos_test")
+    train, test_id, test_ood = feats("train"), feats("test", args.n_test), feats("oos_test", args.n_test)
     student = {"n_layer": args.layers, "n_embd": args.width, "n_head": max(1, args.width // 64), "n_positions": 64}
     configs = {"LM from scratch (baseline)": dict(hidden_weight=0.0),
                "MLKD, MiniLM teacher": dict(hidden_weight=1.0)}

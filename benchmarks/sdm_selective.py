@@ -23,6 +23,7 @@ import numpy as np
 
 import oodscope as ood
 from oodscope import selective
+from oodscope.report.plots import risk_coverage_png
 
 
 def _softmax_threshold(logits, labels, t=0.95):
@@ -107,7 +108,7 @@ if __name__ == "__main__":
         kw["distance_mode"] = args.distance_mode
         rows, scores, correct, out = run(held_out=args.calibration == "val", **kw)
         print(json.dumps(rows, indent=1))
-        png = selective.risk_coverage_png(
+        png = risk_coverage_png(
             {k: (v, correct) for k, v in scores.items()}, title=f"{rows['dataset']}: risk-coverage",
             points={"sdm admit": (rows["sdm_admitted_id"], 1 - (rows["sdm_admitted_accuracy"] or 1.0))})
         import base64

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from oodscope import selective as S
+from oodscope.report.plots import risk_coverage_png
 
 
 def test_hand_computed_curve_and_aurc():
@@ -92,7 +93,7 @@ def test_bad_targets_raise():
 def test_plot_is_a_png():
     rng = np.random.default_rng(0)
     correct = rng.random(300) < 0.8
-    png = S.risk_coverage_png({"good": (correct + rng.random(300), correct),
-                               "random": (rng.random(300), correct)},
-                              points={"sdm admit": (0.4, 0.01)})
+    png = risk_coverage_png({"good": (correct + rng.random(300), correct),
+                             "random": (rng.random(300), correct)},
+                            points={"sdm admit": (0.4, 0.01)})
     assert base64.b64decode(png)[:8] == b"\x89PNG\r\n\x1a\n"

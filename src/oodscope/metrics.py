@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 __all__ = [
+    "as_scores",
     "auroc",
     "fpr_at_tpr",
     "fpr_at_95_tpr",
@@ -56,8 +57,8 @@ CI_METRICS = ("auroc", "fpr_at_95_tpr", "aupr_in", "aupr_out")
 
 
 # --------------------------------------------------------------------------- input checks
-def _as_scores(x, name: str) -> np.ndarray:
-    """A finite float64 vector, or a ValueError that names the argument."""
+def as_scores(x, name: str = "scores") -> np.ndarray:
+    """A finite float64 vector, or a ValueError that names the argument (``name``)."""
     try:
         arr = np.asarray(x)
     except (ValueError, TypeError) as err:  # ragged nested lists
@@ -78,8 +79,8 @@ def _as_scores(x, name: str) -> np.ndarray:
 
 
 def _check(id_scores, ood_scores) -> tuple[np.ndarray, np.ndarray]:
-    a = _as_scores(id_scores, "id_scores")
-    b = _as_scores(ood_scores, "ood_scores")
+    a = as_scores(id_scores, "id_scores")
+    b = as_scores(ood_scores, "ood_scores")
     if a.size == 0 or b.size == 0:
         raise ValueError(
             f"Metrics need at least one ID and one OOD score (got {a.size} ID, {b.size} OOD)."
@@ -177,7 +178,7 @@ def auroc(id_scores, ood_scores) -> float:
 
 def threshold_at_tpr(id_scores, tpr: float = 0.95) -> float:
     """Largest threshold t such that at least ``tpr`` of ID scores are ``>= t``."""
-    a = _as_scores(id_scores, "id_scores")
+    a = as_scores(id_scores, "id_scores")
     if not 0.0 < tpr <= 1.0:
         raise ValueError(f"tpr must be in (0, 1], got {tpr}.")
     if a.size == 0:
@@ -276,13 +277,13 @@ def bootstrap_replicates(
     unknown = [m for m in metrics if m not in _FROM_CURVE]
     if unknown:
         raise ValueError(f"Unknown metric(s) {unknown}; choose from {sorted(_FROM_CURVE)}.")
-    oods = [_as_scores(b, f"ood_score_list[{j}]") for j, b in enumerate(ood_score_list)]
+    oods = [as_scores(b, f"ood_score_list[{j}]") for j, b in enumerate(ood_score_list)]
     if isinstance(id_scores, (list, tuple)) and id_scores and np.ndim(id_scores[0]) == 1:
-        id_list = [_as_scores(a, f"id_scores[{j}]") for j, a in enumerate(id_scores)]
+        id_list = [as_scores(a, f"id_scores[{j}]") for j, a in enumerate(id_scores)]
         if len(id_list) != len(oods):
             raise ValueError(f"{len(id_list)} ID score arrays for {len(oods)} OOD sets; give one array or one per set.")
     else:
-        id_list = [_as_scores(id_scores, "id_scores")] * len(oods)
+        id_list = [as_scores(id_scores, "id_scores")] * len(oods)
     n_a = id_list[0].size if id_list else 0
     if any(a.size != n_a for a in id_list):
         raise ValueError("Per-OOD-set ID scores must all score the same ID samples (equal lengths).")

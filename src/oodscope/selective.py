@@ -7,6 +7,7 @@ The risk-coverage curve traces that trade-off for every threshold, and its area 
 Geifman & El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017;
 Geifman et al., "Bias-Reduced Uncertainty Estimation", ICLR 2019) summarises it: lower is
 better. Any detector's score works (higher = more in-distribution = more trusted).
+The figure is `oodscope.report.plots.risk_coverage_png`.
 
 Ties: inputs with the same score are accepted or rejected together, so the curve has one
 point per distinct score, and AURC is the expected area when tied inputs are answered in a
@@ -20,8 +21,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .metrics import as_scores
+
 __all__ = ["RiskCoverage", "risk_coverage_curve", "aurc", "excess_aurc", "optimal_aurc",
-           "risk_at_coverage", "coverage_at_risk", "correct_predictions", "risk_coverage_png"]
+           "risk_at_coverage", "coverage_at_risk", "correct_predictions", "selective_metrics",
+           "SELECTIVE_COVERAGES"]
+
+#: coverages at which `selective_metrics` reports the selective risk
+SELECTIVE_COVERAGES = (0.5, 0.8, 0.9)
 
 
 @dataclass(frozen=True)
@@ -42,9 +49,7 @@ class RiskCoverage:
 
 
 def _check(scores, correct) -> tuple[np.ndarray, np.ndarray]:
-    from .metrics import _as_scores
-
-    s = _as_scores(scores, "scores")
+    s = as_scores(scores, "scores")
     c = np.asarray(correct)
     if c.dtype.kind not in "biu" and not (c.dtype.kind == "f" and np.all(np.isin(c, (0.0, 1.0)))):
         raise ValueError(
@@ -148,32 +153,11 @@ def coverage_at_risk(scores, correct, risk: float) -> float:
     return float(curve.coverage[ok].max()) if ok.any() else 0.0
 
 
-def risk_coverage_png(curves: dict, title: str = "Risk-coverage", points: dict | None = None,
-                      max_lines: int = 12) -> str:
-    """A risk-coverage figure, base64 PNG like `oodscope.report.plots`.
-
-    ``curves`` maps a name to ``(scores, correct)``; the legend shows each AURC (x100).
-    ``points`` maps a name to one ``(coverage, risk)`` operating point (e.g. an SDM detector's
-    accept/abstain decision), drawn as a marker.
-    """
-    from .report.plots import _plt, to_png_base64
-
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.2, 4.4))
-    scored = {n: aurc(*sc) for n, sc in curves.items()}
-    names = sorted(scored, key=scored.get)[:max_lines]
-    colors = plt.get_cmap("tab20").colors
-    for i, n in enumerate(names):
-        rc = risk_coverage_curve(*curves[n])
-        ax.step(np.r_[0.0, rc.coverage], np.r_[rc.risk[0], rc.risk], where="post", lw=1.3,
-                label=f"{n} ({100 * scored[n]:.2f})", color=colors[(2 * i) % 20 + (2 * i) // 20])
-    for n, (cov, rsk) in (points or {}).items():
-        ax.plot([cov], [rsk], marker="o", ls="", color="black")
-        ax.annotate(n, (cov, rsk), fontsize=7, xytext=(4, 4), textcoords="offset points")
-    ax.set_xlabel("coverage (fraction answered)")
-    ax.set_ylabel("selective risk (error rate among answered)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(bottom=0)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper left", title="score (AURC x100)", title_fontsize=7)
-    return to_png_base64(fig)
+def selective_metrics(scores, correct, coverages=SELECTIVE_COVERAGES) -> dict[str, float]:
+    """AURC, E-AURC and the selective risk at each of ``coverages`` (keys ``risk_at_90`` for
+    0.9) of one score, plus the risk at full coverage (the error rate, the same for every score)."""
+    out = {"aurc": aurc(scores, correct), "e_aurc": excess_aurc(scores, correct)}
+    for cov in coverages:
+        out[f"risk_at_{round(100 * cov)}"] = risk_at_coverage(scores, correct, cov)
+    out["risk_at_100"] = float(1.0 - np.mean(np.asarray(correct).astype(bool)))
+    return out

@@ -59,6 +59,18 @@ def _vision_specs() -> list[BenchmarkSpec]:
                  val_ood_reason="The held-out classes are the near-OOD test set, so validation outliers "
                                 "are generated from ID images instead.")
     specs.append(BenchmarkSpec(
+        "fashion-mnist-c-stream",
+        "Shifting stream (MOL's CAOOD setting): Fashion-MNIST-C held-out corruptions, severities 1->5, one "
+        "stage each (ID test + MNIST under the same corruption, 5 labelled shots per class); training "
+        "adds six other corruptions as domains; runs offline",
+        "oodscope.bench.stream:build_fashion_mnist_stream", id_set="Fashion-MNIST (10 garment classes)",
+        far=("mnist",), val_ood=GENERATED_VAL_OOD, val_ood_reason=GENERATED_VAL_WHY,
+        default_detectors=("msp", "energy", "knn", "mahalanobis", "mol"), quick_subset=500,
+        options={"model", "data_root"},
+        params={"train_kinds": ("gaussian_noise", "shot_noise", "blur", "contrast", "brightness", "rotation"),
+                "stream_kinds": ("impulse_noise", "pixelate", "jpeg"), "severities": (1, 2, 3, 4, 5),
+                "per_domain": 600, "stage_size": 1000, "shots": 5}))
+    specs.append(BenchmarkSpec(
         "fashion-mnist-split",
         "Fine-grained near-OOD: 6 Fashion-MNIST classes ID, the other 4 held out as near-OOD "
         "(fixed splits, split=0..2); far OOD MNIST; validation OOD generated from ID images",

@@ -295,11 +295,12 @@ def print_leaderboard(res, file=None) -> None:
     file = file or sys.stdout
     acc = res.info.get("id_accuracy")
     head = f"{res.benchmark}: ID accuracy {100 * acc:.2f}%" if acc is not None else res.benchmark
-    modes = ["standard"] + (["full-spectrum"] if any(r["mode"] == "full-spectrum" for r in res.rows) else [])
+    modes = ["standard"] + [m for m in ("full-spectrum", "stream") if any(r["mode"] == m for r in res.rows)]
     for mode in modes:
         lb = res.leaderboard(mode)
-        title = head + ("" if mode == "standard" else " (full-spectrum)")
-        cols = [c for c in lb.columns if c != "detector"]
+        title = head + ("" if mode == "standard" else f" ({mode})")
+        cols = [c for c in lb.columns if c != "detector"
+                and not (mode == "stream" and c.endswith("FPR95") and "(mean)" not in c)]  # stages: AUROC only
         try:
             from rich.console import Console
             from rich.table import Table

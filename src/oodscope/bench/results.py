@@ -39,6 +39,20 @@ class BenchResult:
     #: FeatureSet of the first seed, for `oodscope.bench.export` (not written to disk).
     detectors: dict[str, Any] = field(default_factory=dict, repr=False)
     feature_set: Any = field(default=None, repr=False)
+    #: Whether the classifier's prediction (argmax of the cached logits) is right on each test
+    #: ID sample (None without logits or labels): the selective-prediction section uses it.
+    test_id_correct: np.ndarray | None = field(default=None, repr=False)
+
+    def selective(self) -> dict[str, dict[str, float]]:
+        """Per detector, `oodscope.selective.selective_metrics` of its test ID scores against
+        the classifier's correctness (AURC, E-AURC, risk at fixed coverages); {} without
+        correctness or kept scores. Detectors whose ID scores do not match are left out."""
+        from ..selective import selective_metrics
+
+        if self.test_id_correct is None:
+            return {}
+        return {det: selective_metrics(s["test_id"], self.test_id_correct) for det, s in self.scores.items()
+                if "test_id" in s and np.size(s["test_id"]) == self.test_id_correct.size}
 
     @property
     def results(self):
@@ -81,6 +95,7 @@ class BenchResult:
             "timings": json_safe(self.timings),
             "info": json_safe(self.info),
             "groups": self.groups,
+            "selective": json_safe(self.selective()),
         }
 
     def write(self, out_dir: str | Path, report: bool = True) -> dict[str, Path]:

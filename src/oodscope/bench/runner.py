@@ -21,6 +21,10 @@ per OOD set. Their test ID scores therefore differ per OOD set; the metrics of e
 use the ID scores of its own stream (``results.scores[det]["test_id"]`` keeps those of the
 first OOD set).
 
+A FeatureSet with a ``stream`` (`oodscope.bench.stream`) also has every detector scored stage by
+stage after the ordinary test sets (adaptive ones adapt on each stage's support set); those
+rows have ``mode="stream"``.
+
 Only detectors that declare ``requires={"model"}`` touch the network again, through the
 model the builder passed in ``FeatureSet.detector_kwargs``.
 """
@@ -40,12 +44,14 @@ from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
 from ..generalization import shift_accuracies, shift_summary
 from ..metrics import accuracy, auroc, bootstrap_replicates, evaluate, fpr_at_95_tpr
+from ..selective import correct_predictions
 from .catalog import get_benchmark
 from .results import COLUMNS, METRIC_COLUMNS, BenchResult, result_row
 from .spec import BenchmarkSpec, Builder, FeatureSet, ProviderOptions, check_names
+from .stream import stream_rows
 from .tuning import public_params, score_pair, tune
 
-__all__ = ["BenchResult", "COLUMNS", "METRIC_COLUMNS", "id_accuracy", "resolve", "run", "run_benchmark",
+__all__ = ["BenchResult", "COLUMNS", "METRIC_COLUMNS", "id_accuracy", "id_correct", "resolve", "run", "run_benchmark",
            "select_detectors"]
 
 
@@ -266,9 +272,15 @@ def _rows(benchmark: str, seed: int, name: str, scores: _Scores, groups: dict[st
 
 def id_accuracy(f: Features) -> float | None:
     """Top-1 accuracy of the logits on labelled Features (None without logits or labels)."""
+    correct = id_correct(f)
+    return None if correct is None else accuracy(f.logits, f.labels)
+
+
+def id_correct(f: Features) -> np.ndarray | None:
+    """Whether argmax(logits) is the label, per sample (None without logits or ID labels)."""
     if f.logits is None or f.labels is None or not len(f) or (f.labels < 0).any():
         return None
-    return accuracy(f.logits, f.labels)
+    return correct_predictions(f.logits, f.labels)
 
 
 def _run_info(fs: FeatureSet, ood_sets: dict[str, Features], covariate: dict[str, Features],
@@ -352,6 +364,13 @@ def run(
             fitted = _fit(det, fs, tune_params, model_tune_samples, seed)
             timing.update(fit_s=fitted.fit_s, tune_s=fitted.tune_s)
             s = _score(fitted.detector, fs, ood_sets, covariate, full_spectrum, seed)
+            t0 = time.perf_counter()
+            try:  # a detector that cannot score the stream keeps its ordinary rows
+                stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
+            except Exception as exc:
+                stream = []
+                skipped[f"{name} (stream)"] = f"stream failed: {type(exc).__name__}: {str(exc)[:300]}"
+            s.seconds += time.perf_counter() - t0
         except Exception as exc:  # never let one detector crash the run
             msg = f"{type(exc).__name__}: {exc}".strip()
             skipped[name] = f"failed: {msg.splitlines()[0][:400]}"
@@ -365,6 +384,7 @@ def run(
         if keep_scores:
             scores[name] = {"test_id": s.id, **s.ood, **{f"{k} (as ID)": v for k, v in s.covariate.items()}}
         rows += _rows(benchmark, seed, name, s, groups, full_spectrum, ci, n_boot, fitted.params)
+        rows += stream
     bar.close()
     rows += [result_row(benchmark, "standard", seed, name, "", "", status="skipped", reason=reason)
              for name, reason in skipped.items()]
@@ -372,7 +392,8 @@ def run(
                      ci=ci, n_boot=n_boot)
     groups.update({k: "covariate" for k in covariate})
     return BenchResult(benchmark, rows, skipped, tuning, timings, info, scores, groups,
-                       detectors=kept, feature_set=fs if keep_detectors else None)
+                       detectors=kept, feature_set=fs if keep_detectors else None,
+                       test_id_correct=id_correct(fs.test_id))
 
 
 # --------------------------------------------------------------------------- a benchmark

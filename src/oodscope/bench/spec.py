@@ -35,6 +35,8 @@ class FeatureSet:
     ``covariate`` holds covariate-shifted ID sets (full-spectrum mode counts them as ID).
     ``info`` carries facts for the report: ``id_accuracy``, ``val_ood_description``,
     ``model``, ``timings`` (seconds per extraction), anything else worth showing.
+    ``stream`` (optional): `oodscope.bench.stream.StreamStage` s of a shifting stream, scored
+    stage by stage after the ordinary test sets (rows with ``mode="stream"``).
     ``detector_kwargs`` maps detector name -> extra constructor arguments (e.g. the model
     for ODIN/GradNorm, the encoder and class names for CLIP detectors). The key ``"*"``
     holds arguments for every detector: each one receives those of its constructor
@@ -53,6 +55,7 @@ class FeatureSet:
     covariate: dict[str, Features] = field(default_factory=dict)
     info: dict[str, Any] = field(default_factory=dict)
     detector_kwargs: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stream: list[Any] = field(default_factory=list)
 
     def ood_sets(self) -> dict[str, tuple[str, Features]]:
         """``name -> (group, Features)`` for every test OOD set (group: near/far)."""

@@ -1,8 +1,9 @@
 """A single self-contained HTML file: no scripts, no external assets, plots inlined as PNG.
 
 Sections: summary (model, ID accuracy, splits), leaderboard, validation OOD set (what and
-why), chosen hyperparameters, ROC curves and score histograms per OOD set, timing
-breakdown (extraction vs fit vs tuning vs scoring), skipped detectors.
+why), chosen hyperparameters, ROC curves and score histograms per OOD set, selective
+prediction (risk-coverage curve, AURC / E-AURC of every detector's score on the test ID set),
+timing breakdown (extraction vs fit vs tuning vs scoring), skipped detectors.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from ..metrics import auroc
-from .plots import histograms_png, roc_curve_png
+from .plots import histograms_png, risk_coverage_png, roc_curve_png
 
 __all__ = ["render_report", "write_report"]
 
@@ -71,7 +72,7 @@ def _leaderboard_html(result, mode: str) -> str:
     seeds = sorted(ok["seed"].dropna().unique())
     first = ok[ok["seed"] == seeds[0]]
     ood_names = [o for o in dict.fromkeys(first["ood_set"]) if "(mean)" not in o]
-    mean_names = [o for o in ("near (mean)", "far (mean)") if o in set(first["ood_set"])]
+    mean_names = [o for o in ("near (mean)", "far (mean)", "stream (mean)") if o in set(first["ood_set"])]
     header = ["detector"] + [f"{m} AUROC" for m in mean_names] + [f"{m} FPR@95" for m in mean_names]
     header += [f"{o} AUROC / FPR@95" for o in ood_names] + ["hyperparameters"]
     rows = []
@@ -212,6 +213,30 @@ def _generalization_html(result) -> str:
     return '<h2 id="generalization">Generalisation under covariate shift</h2>' + "".join(parts)
 
 
+def _selective_html(result) -> str:
+    """Every detector's test ID score used to accept or abstain on the classifier's answers:
+    the risk-coverage curves and AURC / E-AURC (`oodscope.selective`)."""
+    table = result.selective()
+    if not table:
+        return ("<p>Not available: the test ID set has no logits and labels (the classifier's "
+                "correctness is unknown), or no scores were kept.</p>")
+    order = sorted(table, key=lambda d: table[d]["aurc"])
+    covs = [k for k in next(iter(table.values())) if k.startswith("risk_at_")]
+    header = ["detector", "AURC ×100", "E-AURC ×100"] + [f"risk @ {k[8:]}% coverage" for k in covs]
+    rows = [[d, _fmt(table[d]["aurc"], nd=2), _fmt(table[d]["e_aurc"], nd=2),
+             *[_fmt(table[d][k], nd=2) for k in covs]] for d in order]
+    curves = {d: (result.scores[d]["test_id"], result.test_id_correct) for d in order}
+    png = risk_coverage_png(curves, f"{result.benchmark}: risk-coverage on test ID")
+    return (
+        "<p>Each detector's test ID score decides which of the classifier's answers to accept "
+        "(highest scores first). Selective risk = error rate among the accepted; AURC = the area "
+        "under the risk-coverage curve (lower is better); E-AURC = AURC minus that of a perfect "
+        "ordering of right and wrong answers. In %, sorted by AURC.</p>"
+        + _table(header, rows)
+        + f'<div class="fig"><img alt="risk-coverage" src="data:image/png;base64,{png}"></div>'
+    )
+
+
 def render_report(result) -> str:
     """The report of a `oodscope.bench.runner.BenchResult` as an HTML string."""
     info = result.info
@@ -239,6 +264,10 @@ def render_report(result) -> str:
     if any(r["mode"] == "full-spectrum" for r in result.rows):
         fs_html = ('<h2 id="full-spectrum">Leaderboard, full-spectrum (covariate-shifted ID counts as ID)</h2>'
                    + _leaderboard_html(result, "full-spectrum"))
+    if any(r["mode"] == "stream" for r in result.rows):
+        fs_html += ('<h2 id="stream">Streaming protocol (one column per stage)</h2><p class="small">Every '
+                    "stage starts from the detector's reset state; adaptive detectors (MOL) adapt on the "
+                    "stage's labelled support set first.</p>" + _leaderboard_html(result, "stream"))
     extra = {k: v for k, v in info.items() if k in ("ood_descriptions", "sources")}
     extra_html = ""
     if extra.get("ood_descriptions"):
@@ -266,6 +295,8 @@ def render_report(result) -> str:
 <h2 id="histograms">Score histograms per OOD set</h2>
 <p class="small">Higher score = more in-distribution for every detector; blue ID, red OOD.</p>
 {hist_html}
+<h2 id="selective">Selective prediction (risk–coverage)</h2>
+{_selective_html(result)}
 <h2 id="timing">Timing breakdown</h2>
 {_timing_html(result)}
 <h2 id="skipped">Skipped detectors</h2>

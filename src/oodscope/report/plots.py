@@ -8,7 +8,7 @@ from typing import Mapping
 
 import numpy as np
 
-__all__ = ["roc_curve_png", "histograms_png", "to_png_base64"]
+__all__ = ["roc_curve_png", "histograms_png", "risk_coverage_png", "to_png_base64"]
 
 _MAX_CURVE_POINTS = 400
 
@@ -86,4 +86,35 @@ def histograms_png(id_by_det: Mapping[str, np.ndarray], ood_by_det: Mapping[str,
     axes.ravel()[0].legend(fontsize=6)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
+    return to_png_base64(fig)
+
+
+def risk_coverage_png(curves: Mapping[str, tuple], title: str = "Risk-coverage",
+                      points: Mapping[str, tuple] | None = None, max_lines: int = 12) -> str:
+    """A risk-coverage figure (`oodscope.selective`): a step line per score, best AURC first.
+
+    ``curves`` maps a name to ``(scores, correct)``; the legend shows each AURC (x100).
+    ``points`` maps a name to one ``(coverage, risk)`` operating point (e.g. an SDM detector's
+    accept/abstain decision), drawn as a marker.
+    """
+    from ..selective import aurc, risk_coverage_curve
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.2, 4.4))
+    scored = {n: aurc(*sc) for n, sc in curves.items()}
+    names = sorted(scored, key=scored.get)[:max_lines]
+    colors = plt.get_cmap("tab20").colors
+    for i, n in enumerate(names):
+        rc = risk_coverage_curve(*curves[n])
+        ax.step(np.r_[0.0, rc.coverage], np.r_[rc.risk[0], rc.risk], where="post", lw=1.3,
+                label=f"{n} ({100 * scored[n]:.2f})", color=colors[(2 * i) % 20 + (2 * i) // 20])
+    for n, (cov, rsk) in (points or {}).items():
+        ax.plot([cov], [rsk], marker="o", ls="", color="black")
+        ax.annotate(n, (cov, rsk), fontsize=7, xytext=(4, 4), textcoords="offset points")
+    ax.set_xlabel("coverage (fraction answered)")
+    ax.set_ylabel("selective risk (error rate among answered)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper left", title="score (AURC x100)", title_fontsize=7)
     return to_png_base64(fig)
