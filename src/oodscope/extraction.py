@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -179,7 +179,8 @@ class _Capture:
     equals the head's input, so the head's weights may travel with the features.
     """
 
-    def __init__(self, model, head_mod, penultimate: str | None, layers: Sequence[str]):
+    def __init__(self, model, head_mod, penultimate: str | None, layers: Sequence[str],
+                 pooling: Mapping[str, str | None] | None = None):
         modules = dict(model.named_modules())
         for name in [penultimate, *layers]:
             if name is not None and name not in modules:
@@ -198,8 +199,13 @@ class _Capture:
         if penultimate is not None and head_mod is not None:
             self.hooks.append(head_mod.register_forward_pre_hook(lambda m, i: put("head_input", i[0])))
         for name in layers:
-            self.hooks.append(modules[name].register_forward_hook(
-                lambda m, i, o, _n=name: put(f"layer:{_n}", o)))
+            self.hooks.append(modules[name].register_forward_hook(self._layer_hook(name, (pooling or {}).get(name))))
+
+    def _layer_hook(self, name: str, how: str | None):
+        def hook(module, inputs, output):
+            self.captured[f"layer:{name}"] = _pooled(output, how)
+
+        return hook
 
     def run(self, x) -> dict[str, Any]:
         """The model's outputs for one batch plus what the hooks captured (tensors)."""
@@ -219,6 +225,15 @@ class _Capture:
     def remove(self) -> None:
         for h in self.hooks:
             h.remove()
+
+
+def _pooled(t, how: str | None):
+    """A layer's batch output pooled per channel right away (a whole map for ``None``)."""
+    if how is None:
+        return t
+    from .detectors._network import torch_pool
+
+    return torch_pool(t.double(), how)
 
 
 def _to_numpy(batch: dict[str, Any], y, x, keep_inputs: bool, fdtype: np.dtype) -> dict[str, np.ndarray]:
@@ -287,6 +302,18 @@ def _write_out_dir(out_dir: Path, feats: Features) -> Features:
     return Features.load(out_dir, mmap=True)
 
 
+def _check_pooling(layers: Sequence[str], pooling: Mapping[str, str | None] | None) -> None:
+    if not pooling:
+        return
+    stray = sorted(set(pooling) - set(layers))
+    if stray:
+        raise ValueError(f"layer_pooling names {stray}, which are not in layers={list(layers)}; "
+                         "pool only layers that are extracted.")
+    bad = {k: v for k, v in pooling.items() if v not in ("mean", "stat", None)}
+    if bad:
+        raise ValueError(f"layer_pooling values must be 'mean', 'stat' or None, got {bad}.")
+
+
 def extract(
     model,
     data: Any,
@@ -294,6 +321,7 @@ def extract(
     head: str | None = None,
     penultimate: str | None = None,
     layers: Sequence[str] = (),
+    layer_pooling: Mapping[str, str | None] | None = None,
     batch_size: int = 256,
     device: str | None = None,
     keep_inputs: bool = False,
@@ -316,6 +344,9 @@ def extract(
     penultimate : name of a module whose (flattened) output is the feature vector; by
         default the input of the head is used.
     layers : names of extra modules whose outputs are stored as extras ``"layer:<name>"``.
+    layer_pooling : ``{name: "mean" | "stat"}`` pools those layers' maps per channel batch by
+        batch (`oodscope.detectors._network.pool_layer`), so only ``(N, C)`` / ``(N, 2C)``
+        arrays are kept instead of whole feature maps; layers not named keep their maps.
     keep_inputs : also store the inputs as extra ``"inputs"`` (ODIN, GradNorm need them).
     cache_dir : store/reuse the result under a key of model parameters and data bytes.
     cache_key : use this string instead of hashing the data (you vouch it identifies it).
@@ -333,18 +364,20 @@ def extract(
             "up a one-shot iterator (a generator). Pass cache_key='<name of this data>' or a "
             "re-iterable source (array, list of batches, DataLoader)."
         )
+    _check_pooling(layers, layer_pooling)
     head_name, head_mod = find_head(model, head)
     path = None
     if cache_dir is not None:
         key = cache_key_of({
             "model": model_fingerprint(model), "data": cache_key or _data_fingerprint(data, batch_size),
             "head": head_name, "penultimate": penultimate, "layers": list(layers),
+            **({"layer_pooling": {k: layer_pooling[k] for k in sorted(layer_pooling)}} if layer_pooling else {}),
             "keep_inputs": keep_inputs, "dtype": feature_dtype,
         })
         path = Path(cache_dir) / f"features-{key}.npz"
 
     def compute() -> Features:
-        capture = _Capture(model, head_mod, penultimate, layers)
+        capture = _Capture(model, head_mod, penultimate, layers, layer_pooling)
         sink = _Sink(Path(out_dir) if out_dir is not None else None, chunk_size)
         try:
             _run_model(model, data, capture, sink, batch_size, device, keep_inputs, np.dtype(feature_dtype),

@@ -54,22 +54,26 @@ class SplitExtractor:
 
 
 class ImageExtractor(SplitExtractor):
-    """An image classifier over `ImageDataset` splits, normalised with ``mean``/``std``."""
+    """An image classifier over `ImageDataset` splits, normalised with ``mean``/``std``;
+    ``layers`` (``{module: pooling}``, `oodscope.bench.layers.layer_plan`) are stored as extras
+    ``"layer:<module>"`` in the same pass."""
 
     def __init__(self, model: Any, mean: Any, std: Any, options: ProviderOptions, batch_size: int = 512,
-                 cache: bool = True):
+                 cache: bool = True, layers: dict[str, str | None] | None = None):
         super().__init__(options.cache("features") if cache else None, options.progress)
         self.model, self.mean, self.std = model, mean, std
         self.keep_inputs = options.keep_inputs
         self.batch_size = batch_size
+        self.layers = dict(layers or {})
 
     def _extract(self, name: str, ds: Any) -> Features:
         from .. import data as D
         from ..extraction import extract
 
         loader = D.loader(ds, batch_size=self.batch_size, shuffle=False, mean=self.mean, std=self.std)
-        return extract(self.model, loader, keep_inputs=self.keep_inputs, cache_dir=self.cache,
-                       progress=self.progress, desc=f"extract {name}")
+        return extract(self.model, loader, layers=list(self.layers), layer_pooling=self.layers,
+                       keep_inputs=self.keep_inputs, cache_dir=self.cache, progress=self.progress,
+                       desc=f"extract {name}")
 
 
 def check_model(model, num_classes: int, in_shape: tuple[int, ...], source: str) -> None:

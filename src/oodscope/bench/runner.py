@@ -39,6 +39,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from ..detectors._network import ANY_LAYER
 from ..detectors.base import Detector, get_detector_class, list_detectors
 from ..features import Features
 from ..generalization import shift_accuracies, shift_summary
@@ -98,17 +99,43 @@ def select_detectors(
         if name in seen:
             continue
         seen.add(name)
-        missing = sorted(cls.all_requirements() - avail)
+        missing = sorted(cls.all_requirements() - avail - {ANY_LAYER})
         if missing:
-            skipped[name] = f"needs {missing}, which this benchmark does not provide (available: {sorted(avail)})"
+            skipped[name] = missing_reason(missing, avail)
             continue
         # "*" holds arguments for every detector that takes them (e.g. the model); a detector's own entry wins
         kwargs = {**fs.detector_kwargs.get("*", {}), **fs.detector_kwargs.get(name, {})}
         try:
-            chosen.append((name, _build(cls, spec, kwargs)))
+            det = _build(cls, spec, kwargs)
         except Exception as exc:  # a detector that cannot even be built is skipped, not fatal
             skipped[name] = f"could not be created: {type(exc).__name__}: {exc}"
+            continue
+        missing = sorted(det.all_requirements() - avail)  # an instance names its layers
+        if missing:
+            skipped[name] = missing_reason(missing, avail)
+            continue
+        chosen.append((name, det))
     return chosen, skipped
+
+
+#: Where a field a benchmark lacks comes from, for the skip reasons.
+FIELD_SOURCES = {
+    "image_embeds": "CLIP image embeddings (the benchmark's CLIP twin, --vlm)",
+    "local_embeds": "CLIP patch embeddings (the benchmark's CLIP twin, --vlm)",
+    "text": "text inputs (a text benchmark, e.g. clinc150)",
+    "temperature": "a learned temperature output (a network trained with AbeT's head, oodscope.train)",
+    "tag_tokens": "image tags of a tagging model (oodscope.vlm.tagood)",
+    "model": "the network itself (the benchmark passes none)",
+    "inputs": "the network inputs",
+    ANY_LAYER: "layers named per instance (layers=[...]) that the benchmark extracted",
+}
+
+
+def missing_reason(missing: Sequence[str], avail: set[str]) -> str:
+    """The skip reason of a detector that needs fields the benchmark does not provide."""
+    sources = [FIELD_SOURCES[k] for k in missing if k in FIELD_SOURCES]
+    why = f" ({'; '.join(sources)})" if sources else ""
+    return f"needs {list(missing)}{why}, which this benchmark does not provide (available: {sorted(avail)})"
 
 
 def check_ood_names(requested: Iterable[str] | str | None, fs: FeatureSet) -> list[str] | None:
@@ -408,6 +435,17 @@ def _needed_fields(detectors: Any, default: Sequence[str] | None) -> frozenset[s
                                for d in detectors))
 
 
+def _requested(detectors: Any, default: Sequence[str] | None) -> tuple[Any, ...] | None:
+    """The detectors a run asks for, for the builder (None: every registered one)."""
+    if detectors is None:
+        return tuple(default or ())  # no default list: only detectors that read no extra layers
+    if isinstance(detectors, str):
+        if detectors.lower() == "all":
+            return None
+        return tuple(d.strip() for d in detectors.split(",") if d.strip())
+    return tuple(detectors)
+
+
 def _check_detector_names(detectors: Any) -> None:
     """An unknown detector name fails before any extraction."""
     if isinstance(detectors, str):
@@ -454,7 +492,8 @@ def run_benchmark(
         if spec is None:
             fs = benchmark
         else:
-            opts = replace(options.for_spec(spec), seed=s, ood=ood, fields=_needed_fields(detectors, default))
+            opts = replace(options.for_spec(spec), seed=s, ood=ood, fields=_needed_fields(detectors, default),
+                           detectors=_requested(detectors, default))
             fs = spec.builder()(spec, opts)
             if not isinstance(fs, FeatureSet):
                 raise TypeError(f"The builder of {spec.name!r} returned {type(fs).__name__}, not a FeatureSet.")

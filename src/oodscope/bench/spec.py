@@ -85,7 +85,9 @@ class ProviderOptions:
     ``quick_subset`` when unset (`for_spec`). ``ood`` restricts the test OOD sets to build
     (`wants`); ``fields`` are the Features fields the chosen detectors read (None: all),
     so a builder stores the raw inputs only when a detector re-runs the network
-    (`keep_inputs`). ``net``/``net_meta`` pass an in-memory network instead of the
+    (`keep_inputs`); ``detectors`` are the detectors asked for (names or instances, None:
+    every registered one), whose extra layers an image builder extracts
+    (`oodscope.bench.layers`). ``net``/``net_meta`` pass an in-memory network instead of the
     ``model`` checkpoint (scripts, tests, the training comparison).
     """
 
@@ -95,6 +97,7 @@ class ProviderOptions:
     cache_dir: Path | None = None
     ood: tuple[str, ...] | None = None
     fields: frozenset[str] | None = None
+    detectors: tuple[Any, ...] | None = None
     progress: bool = True
     model: str | Path | None = None
     net: Any = None
@@ -118,6 +121,8 @@ class ProviderOptions:
             object.__setattr__(self, "ood", tuple(self.ood))
         if self.fields is not None:
             object.__setattr__(self, "fields", frozenset(self.fields))
+        if self.detectors is not None:
+            object.__setattr__(self, "detectors", tuple(self.detectors))
         if self.class_names is not None:
             object.__setattr__(self, "class_names", tuple(self.class_names))
 

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from .extract import ImageExtractor, check_model, load_network, model_normalization
+from .layers import plan_for_options
 from .openood import LIST_PROTOCOLS, openood_root
 from .spec import BenchmarkSpec, FeatureSet, ProviderOptions
 
@@ -132,14 +133,16 @@ def build_fashion_mnist(spec: BenchmarkSpec, options: ProviderOptions) -> Featur
     check_model(net, 10, (1, 28, 28), source)
     mean, std = model_normalization(meta, FMNIST_MEAN, FMNIST_STD)
     sp = fashion_mnist_splits(options, meta, **spec.params)
-    ex = ImageExtractor(net, mean, std, options)
+    layer_kwargs, layers = plan_for_options(net, (1, 28, 28), options)
+    ex = ImageExtractor(net, mean, std, options, layers=layers)
     fs = _feature_set(ex, sp, far=sp["far"], covariate=sp["covariate"])
     fs.info.update(
         model=_describe(meta, source),
         model_meta={k: v for k, v in meta.items() if isinstance(v, (int, float, str, bool))},
         ood_descriptions=sp["descriptions"], notes=sp["notes"], normalization={"mean": mean, "std": std},
-        **ex.info(),
+        extra_layers=layers, **ex.info(),
     )
+    fs.detector_kwargs.update(layer_kwargs)
     fs.detector_kwargs["*"] = {"model": net, "input_std": std}
     return fs
 
@@ -170,13 +173,15 @@ def build_openood(spec: BenchmarkSpec, options: ProviderOptions) -> FeatureSet:
                                        size=(proto.image_size,) * 2, mode="RGB", progress=options.progress)
         return options.cap(ImageDataset(imgs, labels, name=f"{proto.name}/{key}"))
 
-    ex = ImageExtractor(net, mean, std, options, batch_size=128 if large else 512)
+    layer_kwargs, layers = plan_for_options(net, (3, proto.image_size, proto.image_size), options)
+    ex = ImageExtractor(net, mean, std, options, batch_size=128 if large else 512, layers=layers)
     fs = _feature_set(ex, {k: load(k) for k in proto.lists},
                       near={k: load(k) for k in proto.near if k in needed},
                       far={k: load(k) for k in proto.far if k in needed},
                       covariate={k: load(k) for k in proto.covariate})
-    fs.info.update(model=source, normalization={"mean": mean, "std": std},
+    fs.info.update(model=source, normalization={"mean": mean, "std": std}, extra_layers=layers,
                    notes=[f"{proto.source} protocol {proto.name!r}, data from {root}"], **ex.info())
+    fs.detector_kwargs.update(layer_kwargs)
     fs.detector_kwargs["*"] = {"model": net, "input_std": std}
     return fs
 
@@ -294,9 +299,11 @@ def build_image_folders(spec: BenchmarkSpec, options: ProviderOptions) -> Featur
     sp = image_folder_splits(spec, options, shape)
     check_model(net, len(sp["classes"]), shape, source)
     mean, std = model_normalization(meta, 0.5, 0.25)
-    ex = ImageExtractor(net, mean, std, options)
+    layer_kwargs, layers = plan_for_options(net, shape, options)
+    ex = ImageExtractor(net, mean, std, options, layers=layers)
     fs = _feature_set(ex, sp, near=sp["near"], far=sp["far"])
-    fs.info.update(model=_describe(meta, source), normalization={"mean": mean, "std": std},
+    fs.info.update(model=_describe(meta, source), normalization={"mean": mean, "std": std}, extra_layers=layers,
                    notes=[f"ID classes from {spec.params['id_dir']}: {', '.join(sp['classes'])}"], **ex.info())
+    fs.detector_kwargs.update(layer_kwargs)
     fs.detector_kwargs["*"] = {"model": net, "input_std": std}
     return fs

@@ -127,6 +127,8 @@ class MultiLayer(Detector):
     )
     search_space: ClassVar[dict[str, list[Any]]] = {"aggregation": list(_AGGREGATIONS)}
     score_params = frozenset({"aggregation"})
+    #: How a benchmark may pool the named layers' maps while extracting (what `_layer_array` does).
+    layer_pooling: ClassVar[str] = "mean"
     reference = (
         "Multi-layer aggregation as in oodeel (DEEL): std/mean-normalised averaging, and "
         "Fisher's method with Brown's correction (Haroush et al., A Statistical Framework for "
@@ -279,6 +281,8 @@ class SEM(Detector):
     all_requirements = InstanceNeedsMethod({"features", ANY_LAYER}, _sem_fields)
     search_space: ClassVar[dict[str, list[Any]]] = {"low_weight": [0.0, 1e-6, 1e-4, 1e-2, 1.0]}
     score_params = frozenset({"low_weight"})
+    #: How a benchmark may pool the low-level layer while extracting (per-channel mean and variance).
+    layer_pooling: ClassVar[str] = "stat"
     min_fit_samples = 4
     reference = (
         "Yang, Zhou & Liu, Full-Spectrum Out-of-Distribution Detection (SEM score), IJCV 2023"
