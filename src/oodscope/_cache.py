@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-__all__ = ["cache_key", "cached", "fingerprint"]
+__all__ = ["cache_key", "cached", "file_sha256", "fingerprint"]
 
 
 def cache_key(parts: Mapping[str, Any]) -> str:
@@ -37,6 +37,15 @@ def fingerprint(items: Iterable[Any]) -> str:
         h.update(str(arr.shape).encode() + str(arr.dtype).encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()[:24]
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 hex digest of a file's bytes, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def cached(path: Path | None, load: Callable[[Path], Any], compute: Callable[[], Any],

@@ -19,7 +19,6 @@ without it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from ._cache import file_sha256
 from ._state import persistable_class, persistable_name
 from .detectors.base import Detector, get_detector_class
 
@@ -340,14 +340,6 @@ def _NEEDED_AT_SCORE(cls: type[Detector]) -> set[str]:
 
 
 # --------------------------------------------------------------------------- files
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def write_bundle(path: str | Path, document: dict[str, Any], arrays: dict[str, np.ndarray]) -> Path:
     """Write ``document`` (JSON) and ``arrays`` (safetensors) to the directory ``path``,
     with a SHA-256 manifest. Files are written next to their final name and renamed, so an
@@ -365,7 +357,7 @@ def write_bundle(path: str | Path, document: dict[str, Any], arrays: dict[str, n
     _atomic_write(out / ARRAYS, lambda tmp: save_file(arrays, tmp, metadata={"format": "oodscope"}))
     manifest = {
         "format": "oodscope.manifest", "format_version": FORMAT_VERSION,
-        "files": {name: {"sha256": _sha256(out / name), "bytes": (out / name).stat().st_size}
+        "files": {name: {"sha256": file_sha256(out / name), "bytes": (out / name).stat().st_size}
                   for name in (DOCUMENT, ARRAYS)},
     }
     _atomic_write(out / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
@@ -429,7 +421,7 @@ def read_bundle(path: str | Path) -> tuple[dict[str, Any], dict[str, np.ndarray]
         if size != entry["bytes"]:
             raise ValueError(f"{f}: {size} bytes where the manifest says {entry['bytes']} "
                              "(truncated or modified file); the saved object is damaged.")
-        if _sha256(f) != entry["sha256"]:
+        if file_sha256(f) != entry["sha256"]:
             raise ValueError(f"{f}: SHA-256 differs from the manifest (the file was modified "
                              "or corrupted); refusing to load it.")
     document = _read_json(root / DOCUMENT, "the document")

@@ -29,25 +29,36 @@ from ..commands.ray_option import add_ray_arguments
 __all__ = ["add_arguments", "run"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default after its help, except ``None``: an option that is not
+    given leaves the choice to the benchmark, and its help says what that is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.formatter_class = _HelpFormatter
     p.add_argument("benchmark", metavar="BENCHMARK", nargs="?",
                    help="benchmark name, e.g. fashion-mnist, cifar10, cifar100, imagenet200, "
-                        "imagenet, or a text/CLIP benchmark; omit (or use --list) to list them%(default).0s")
+                        "imagenet, or a text/CLIP benchmark; omit (or use --list) to list them")
     p.add_argument("--list", action="store_true", help="list the registered benchmarks and exit")
-    p.add_argument("--model", default=None,
+    p.add_argument("--model",
                    help="checkpoint of the network to evaluate (.pt/.safetensors); by default the "
-                        "benchmark's reference model is trained or reused from the cache%(default).0s")
-    p.add_argument("--ood", action="append", default=None, metavar="NAMES_OR_DIR",
+                        "benchmark's reference model is trained or reused from the cache")
+    p.add_argument("--ood", action="append", metavar="NAMES_OR_DIR",
                    help="comma-separated test OOD sets to evaluate (default: all of the benchmark's); "
                         "an unknown name is an error that lists the valid ones. With 'bench images': a "
-                        "folder of OOD images (far OOD), repeatable%(default).0s")
-    p.add_argument("--detectors", default=None,
+                        "folder of OOD images (far OOD), repeatable")
+    p.add_argument("--detectors",
                    help="comma-separated detector names, or 'all' (default: the benchmark's default "
                         "list, else every detector the extracted features can feed; detectors that re-run the "
-                        "network, such as ODIN, only when named or with 'all')%(default).0s")
-    p.add_argument("--out", default=None,
+                        "network, such as ODIN, only when named or with 'all')")
+    p.add_argument("--out",
                    help="output folder for results.csv, results.json and report.html "
-                        "(default: runs/bench/<BENCHMARK>)%(default).0s")
+                        "(default: runs/bench/<BENCHMARK>)")
     p.add_argument("--seeds", default="0",
                    help="comma-separated seeds; each seed reruns the provider (model seed, ID-val "
                         "split, generated sets) and the leaderboard averages over seeds")
@@ -57,85 +68,109 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--full-spectrum", action="store_true",
                    help="also report full-spectrum results, where covariate-shifted ID sets "
                         "(e.g. Fashion-MNIST-C) count as in-distribution")
-    p.add_argument("--subset", type=int, default=None, metavar="N",
-                   help="use at most N samples per split (quick, smaller runs; default: all)%(default).0s")
-    p.add_argument("--cache-dir", default=None,
+    p.add_argument("--subset", type=int, metavar="N",
+                   help="use at most N samples per split (quick, smaller runs; default: all)")
+    p.add_argument("--cache-dir",
                    help="where extracted features and reference models are cached "
-                        "(default: ~/.cache/oodscope)%(default).0s")
+                        "(default: ~/.cache/oodscope)")
     p.add_argument("--quick", action="store_true",
                    help="a fast smoke run: small subsets, fewer bootstrap resamples")
     p.add_argument("--n-boot", type=int, default=200,
                    help="bootstrap resamples for the confidence intervals (0 = no intervals)")
     p.add_argument("--no-report", action="store_true", help="write results.csv/json but no report.html")
-    p.add_argument("--export", default=None, metavar="DIR",
+    p.add_argument("--export", metavar="DIR",
                    help="save the detector that won on validation (highest ID-val vs val-OOD AUROC, "
                         "never chosen on test OOD) as a calibrated guard in DIR, for `oodscope "
                         "score` / `oodscope serve`; its threshold is calibrated on half of the "
-                        "test ID split and checked on the other half%(default).0s")
+                        "test ID split and checked on the other half")
     p.add_argument("--export-tpr", type=float, default=0.95, metavar="TPR",
                    help="with --export: fraction of in-distribution inputs the guard accepts "
                         "(default 0.95)")
+    _add_provider_options(p)
+    _add_own_data_options(p)
+    _add_training_options(p)
+    r = p.add_argument_group("Ray (extra 'ray'): fitting and tuning stay local, the test sets are scored "
+                             "on Ray workers")
+    add_ray_arguments(r, "score the test sets")
+
+
+def _add_provider_options(p: argparse.ArgumentParser) -> None:
+    """Options a provider reads: where its data lives, and how text and images are embedded."""
     g = p.add_argument_group("provider options (passed to benchmarks that use them; a benchmark "
                              "that does not use a given option stops with an error)")
-    g.add_argument("--data-root", default=None, metavar="DIR",
+    g.add_argument("--data-root", metavar="DIR",
                    help="where the benchmark's data lives (e.g. the OpenOOD v1.5 folder with "
                         "benchmark_imglist/ and images_*/, or the Fashion-MNIST files); default: "
-                        "found via $OODSCOPE_DATA%(default).0s")
-    g.add_argument("--encoder", default=None,
-                   help="text benchmarks: sentence encoder / language model name or path%(default).0s")
-    g.add_argument("--finetune", default=None, metavar="RECIPE",
+                        "found via $OODSCOPE_DATA")
+    g.add_argument("--encoder",
+                   help="text benchmarks: sentence encoder / language model name or path")
+    g.add_argument("--finetune", metavar="RECIPE",
                    help="text benchmarks (clinc150): fine-tuning of the sentence encoder before "
                         "extraction: 'none' (frozen encoder), 'ce' (cross-entropy; aliases 'true', "
                         "'full'), 'supcon' (supervised contrastive) or 'margin'. Default 'auto': "
                         "'ce' on full runs with the default encoder, frozen for --subset/--quick "
-                        "runs and other encoders%(default).0s")
-    g.add_argument("--vlm", default=None, metavar="SPEC",
+                        "runs and other encoders")
+    g.add_argument("--vlm", metavar="SPEC",
                    help="embed images with a CLIP-like model instead of a classifier, for the "
                         "zero-shot detectors (MCM, GL-MCM, NegLabel, AdaNeg): hf:<model or dir> or "
                         "open_clip:<arch>/<tag>; works with the *-vlm benchmarks and the OpenOOD "
-                        "ones (e.g. 'bench imagenet --vlm hf:openai/clip-vit-base-patch16')%(default).0s")
-    g.add_argument("--class-names", default=None, metavar="FILE",
+                        "ones (e.g. 'bench imagenet --vlm hf:openai/clip-vit-base-patch16')")
+    g.add_argument("--class-names", metavar="FILE",
                    help="with --vlm: text file with the ID class names, one a line in label order "
                         "(default: the benchmark's own names, e.g. CIFAR-10's, or "
-                        "<data-root>/class_names/<benchmark>.txt)%(default).0s")
-    d = p.add_argument_group("your own data ('bench text --data ...', 'bench images --id ... --ood ...')")
-    d.add_argument("--data", default=None, metavar="DIR_OR_FILE",
-                   help="bench text: a CLINC150, BANKING77-OOS, CLINC-Single-Domain-OOS or ROSTD release "
-                        "folder (the layout is detected), or a CSV/TSV/JSONL file with text and label "
-                        "columns whose out-of-scope rows carry --oos-label%(default).0s")
-    d.add_argument("--text-column", default=None, metavar="NAME",
-                   help="bench text with a file: the text column (default: text)%(default).0s")
-    d.add_argument("--label-column", default=None, metavar="NAME",
-                   help="bench text with a file: the label column (default: label)%(default).0s")
-    d.add_argument("--oos-label", default=None, metavar="LABEL",
-                   help="bench text with a file: the label of out-of-scope rows (default: oos)%(default).0s")
-    d.add_argument("--id", default=None, metavar="DIR", dest="id_dir",
-                   help="bench images: the ID images, one sub-folder per class (split into train, "
-                        "ID-val and test ID)%(default).0s")
-    d.add_argument("--near", action="append", default=None, metavar="DIR",
-                   help="bench images / pt-ood: a folder of near-OOD images (pt-ood: familiar, pre-training "
-                        "OOD), repeatable%(default).0s")
-    d.add_argument("--boxes", default=None, metavar="FILE",
-                   help="bench nova: predicted anomaly boxes (JSON lines: filename, boxes [[x_min, y_min, x_max, "
-                        "y_max], ...], optional scores) scored against NOVA's gold boxes%(default).0s")
-    r = p.add_argument_group("Ray (extra 'ray'): fitting and tuning stay local, the test sets are scored "
-                             "on Ray workers")
-    add_ray_arguments(r, "score the test sets")
+                        "<data-root>/class_names/<benchmark>.txt)")
+
+
+#: The options of 'bench text', 'bench images', 'pt-ood' and 'nova': flag -> (the benchmark
+#: parameter it sets, argparse keywords). 'bench images' takes its OOD folders from --ood.
+_DATA_OPTIONS = {
+    "--data": ("data", dict(metavar="DIR_OR_FILE", help=(
+        "bench text: a CLINC150, BANKING77-OOS, CLINC-Single-Domain-OOS or ROSTD release folder "
+        "(the layout is detected), or a CSV/TSV/JSONL file with text and label columns whose "
+        "out-of-scope rows carry --oos-label"))),
+    "--text-column": ("text_column", dict(
+        metavar="NAME", help="bench text with a file: the text column (default: text)")),
+    "--label-column": ("label_column", dict(
+        metavar="NAME", help="bench text with a file: the label column (default: label)")),
+    "--oos-label": ("oos_label", dict(
+        metavar="LABEL", help="bench text with a file: the label of out-of-scope rows (default: oos)")),
+    "--id": ("id_dir", dict(metavar="DIR", dest="id_dir", help=(
+        "bench images: the ID images, one sub-folder per class (split into train, ID-val and "
+        "test ID)"))),
+    "--near": ("near_dirs", dict(action="append", metavar="DIR", help=(
+        "bench images / pt-ood: a folder of near-OOD images (pt-ood: familiar, pre-training OOD), "
+        "repeatable"))),
+    "--boxes": ("boxes", dict(metavar="FILE", help=(
+        "bench nova: predicted anomaly boxes (JSON lines: filename, boxes [[x_min, y_min, x_max, "
+        "y_max], ...], optional scores) scored against NOVA's gold boxes"))),
+}
+
+
+def _add_own_data_options(p: argparse.ArgumentParser) -> None:
+    """The `_DATA_OPTIONS`: the ID and OOD data of ``bench text``, ``images``, ``pt-ood``, ``nova``."""
+    group = p.add_argument_group(
+        "your own data ('bench text --data ...', 'bench images --id ... --ood ...')")
+    for flag, (_, keywords) in _DATA_OPTIONS.items():
+        group.add_argument(flag, **keywords)
+
+
+def _add_training_options(p: argparse.ArgumentParser) -> None:
+    """``--compare-training``: train one model per objective, then benchmark each."""
     t = p.add_argument_group("training comparison (--compare-training)")
-    t.add_argument("--compare-training", default=None, metavar="METHODS",
+    t.add_argument("--compare-training", metavar="METHODS",
                    help="compare OOD-aware training objectives (comma list, e.g. ce,oe,logitnorm): "
                         "trains one model per method and benchmarks each (oodscope.bench.compare); "
-                        "the BENCHMARK defaults to fashion-mnist-split%(default).0s")
-    t.add_argument("--epochs", type=int, default=None, metavar="N",
+                        "the BENCHMARK defaults to fashion-mnist-split")
+    t.add_argument("--epochs", type=int, metavar="N",
                    help="training epochs per method (default: the comparison's budget; fewer with "
-                        "--quick)%(default).0s")
-    t.add_argument("--train-size", type=int, default=None, metavar="N",
+                        "--quick)")
+    t.add_argument("--train-size", type=int, metavar="N",
                    help="train each method on at most N ID images (class-stratified draw; default: "
-                        "the comparison's budget)%(default).0s")
-    t.add_argument("--batch-size", type=int, default=None, metavar="N",
-                   help="training batch size (default: the comparison's budget)%(default).0s")
-    t.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: the comparison's budget)%(default).0s")
+                        "the comparison's budget)")
+    t.add_argument("--batch-size", type=int, metavar="N",
+                   help="training batch size (default: the comparison's budget)")
+    t.add_argument("--lr", type=float,
+                   help="learning rate (default: the comparison's budget)")
 
 
 def _list() -> int:
@@ -171,20 +206,19 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-#: the options of 'bench text' and 'bench images': argparse name -> (spec parameter, flag)
-_DATA_OPTIONS = {"data": ("data", "--data"), "text_column": ("text_column", "--text-column"),
-                 "label_column": ("label_column", "--label-column"), "oos_label": ("oos_label", "--oos-label"),
-                 "id_dir": ("id_dir", "--id"), "near": ("near_dirs", "--near"), "boxes": ("boxes", "--boxes")}
-
-
 def _with_data(spec, args: argparse.Namespace):
-    """``(spec, --ood filter)``: the data options set as the spec's parameters ('bench images'
-    takes its OOD folders from ``--ood``); an option the benchmark has no parameter for is an error."""
-    given = {k: v for k, v in _DATA_OPTIONS.items() if getattr(args, k, None) is not None}
-    unused = [flag for param, flag in given.values() if param not in spec.params]
+    """``(spec, --ood filter)``: the `_DATA_OPTIONS` given, set as the spec's parameters ('bench
+    images' takes its OOD folders from ``--ood``); an option the benchmark has no parameter
+    for is an error."""
+    given = {}  # flag -> (parameter, value)
+    for flag, (param, keywords) in _DATA_OPTIONS.items():
+        value = getattr(args, keywords.get("dest", flag[2:].replace("-", "_")), None)
+        if value is not None:
+            given[flag] = (param, value)
+    unused = [flag for flag, (param, _) in given.items() if param not in spec.params]
     if unused:
         raise ValueError(f"Benchmark {spec.name!r} does not use option(s) {', '.join(unused)}.")
-    params = {param: getattr(args, k) for k, (param, _) in given.items()}
+    params = dict(given.values())
     if "near_dirs" in params:
         params["near_dirs"] = tuple(params["near_dirs"])
     ood = ",".join(args.ood) if args.ood else None

@@ -11,4 +11,4 @@ def add_ray_arguments(p: argparse.ArgumentParser | argparse._ArgumentGroup, what
                    help=f"{what} on Ray workers (extra 'ray'): no ADDRESS or 'local' starts a local "
                         "Ray, 'auto' joins the cluster started with `ray start`")
     p.add_argument("--ray-workers", type=int, default=2, metavar="N",
-                   help="Ray workers scoring in parallel (default %(default)s)")
+                   help="Ray workers scoring in parallel (2 unless given)")

@@ -69,56 +69,49 @@ def _read_idx_split(spec: DatasetSpec, directory: Path, split: str, verify: bool
 
 
 # ---------------------------------------------------------------- MNIST family (IDX)
-register_dataset(DatasetSpec(
-    name="fashion-mnist",
+#: Published checksums of the four IDX files: per dataset, file stem -> (SHA-256 of the .gz,
+#: SHA-256 of the decompressed file where known).
+_IDX_SHA256 = {
+    "fashion-mnist": {
+        "train-images-idx3-ubyte": ("3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
+        "train-labels-idx1-ubyte": ("a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
+        "t10k-images-idx3-ubyte": ("346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
+        "t10k-labels-idx1-ubyte": ("67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
+    },
+    "mnist": {
+        "train-images-idx3-ubyte": ("440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609", None),
+        "train-labels-idx1-ubyte": ("3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c", None),
+        "t10k-images-idx3-ubyte": ("8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6", "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+        "t10k-labels-idx1-ubyte": ("f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6", "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
+    },
+    "kmnist": {
+        "train-images-idx3-ubyte": ("51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4", None),
+        "train-labels-idx1-ubyte": ("e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17", None),
+        "t10k-images-idx3-ubyte": ("edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5", None),
+        "t10k-labels-idx1-ubyte": ("20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c", None),
+    },
+}
+
+
+def _idx_spec(name: str, classes: list[str], mirrors: tuple[str, ...], **about: str) -> DatasetSpec:
+    """A dataset published as MNIST's four gzipped IDX files under each of ``mirrors``."""
+    checks = {stem: ((gz,), raw) for stem, (gz, raw) in _IDX_SHA256[name].items()}
+    return DatasetSpec(name=name, classes=classes, reader=_read_idx_split,
+                       splits=_idx_files(mirrors, "", checks), **about)
+
+
+register_dataset(_idx_spec(
+    "fashion-mnist", FASHION_MNIST_CLASSES, ("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",),
     description="Fashion-MNIST (Xiao et al., 2017): 28x28 grey clothing, 10 classes, 60k/10k",
-    homepage="https://github.com/zalandoresearch/fashion-mnist",
-    licence="MIT",
-    classes=FASHION_MNIST_CLASSES,
-    reader=_read_idx_split,
-    splits=_idx_files(("http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/",), "", {
-        "train-images-idx3-ubyte": (("3aede38d61863908ad78613f6a32ed271626dd12800ba2636569512369268a84",),
-                                    "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888"),
-        "train-labels-idx1-ubyte": (("a04f17134ac03560a47e3764e11b92fc97de4d1bfaf8ba1a3aa29af54cc90845",),
-                                    "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9"),
-        "t10k-images-idx3-ubyte": (("346e55b948d973a97e58d2351dde16a484bd415d4595297633bb08f03db6a073",),
-                                   "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b"),
-        "t10k-labels-idx1-ubyte": (("67da17c76eaffca5446c3361aaab5c3cd6d1c2608764d35dfb1850b086bf8dd5",),
-                                   "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"),
-    }),
-))
-
-register_dataset(DatasetSpec(
-    name="mnist",
+    homepage="https://github.com/zalandoresearch/fashion-mnist", licence="MIT"))
+register_dataset(_idx_spec(
+    "mnist", DIGITS, ("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"),
     description="MNIST (LeCun et al., 1998): 28x28 grey handwritten digits, 60k/10k",
-    homepage="http://yann.lecun.com/exdb/mnist/",
-    licence="CC BY-SA 3.0",
-    classes=DIGITS,
-    reader=_read_idx_split,
-    splits=_idx_files(("https://ossci-datasets.s3.amazonaws.com/mnist/", "http://yann.lecun.com/exdb/mnist/"), "", {
-        "train-images-idx3-ubyte": (("440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609",), None),
-        "train-labels-idx1-ubyte": (("3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c",), None),
-        "t10k-images-idx3-ubyte": (("8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6",),
-                                   "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
-        "t10k-labels-idx1-ubyte": (("f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6",),
-                                   "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
-    }),
-))
-
-register_dataset(DatasetSpec(
-    name="kmnist",
+    homepage="http://yann.lecun.com/exdb/mnist/", licence="CC BY-SA 3.0"))
+register_dataset(_idx_spec(
+    "kmnist", KMNIST_CLASSES, ("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",),
     description="Kuzushiji-MNIST (Clanuwat et al., 2018): 28x28 grey cursive Japanese, 10 classes",
-    homepage="https://github.com/rois-codh/kmnist",
-    licence="CC BY-SA 4.0",
-    classes=KMNIST_CLASSES,
-    reader=_read_idx_split,
-    splits=_idx_files(("http://codh.rois.ac.jp/kmnist/dataset/kmnist/",), "", {
-        "train-images-idx3-ubyte": (("51467d22d8cc72929e2a028a0428f2086b092bb31cfb79c69cc0a90ce135fde4",), None),
-        "train-labels-idx1-ubyte": (("e38f9ebcd0f3ebcdec7fc8eabdcdaef93bb0df8ea12bee65224341c8183d8e17",), None),
-        "t10k-images-idx3-ubyte": (("edd7a857845ad6bb1d0ba43fe7e794d164fe2dce499a1694695a792adfac43c5",), None),
-        "t10k-labels-idx1-ubyte": (("20bb9a0ef54c7db3efc55a92eef5582c109615df22683c380526788f98e42a1c",), None),
-    }),
-))
+    homepage="https://github.com/rois-codh/kmnist", licence="CC BY-SA 4.0"))
 
 # EMNIST ships as one large zip (https://biometrics.nist.gov/cs_links/EMNIST/gzip.zip) holding
 # IDX files named emnist-<subset>-<split>-...; its images are stored transposed.

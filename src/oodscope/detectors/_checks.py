@@ -8,7 +8,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["check_fraction", "check_int", "check_real", "refuse_unresolved_scores"]
+__all__ = ["check_fraction", "check_int", "check_less", "check_percentile", "check_positive_int",
+           "check_real", "refuse_unresolved_scores"]
 
 
 def check_int(owner: object, name: str, value: Any, low: int = 1) -> None:
@@ -33,6 +34,36 @@ def check_fraction(owner: object, name: str, value: Any, allow_one: bool = True)
     if not ok:
         bound = "(0, 1]" if allow_one else "(0, 1)"
         raise ValueError(f"{type(owner).__name__}: {name} must be a fraction in {bound}, got {value!r}.")
+
+def check_positive_int(name: str, value: Any) -> None:
+    """``value`` must be an integer (not a bool) ``>= 1``; the message names the parameter only."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+
+
+def check_percentile(owner: object, name: str, value: Any, *, upper_open: bool = False) -> None:
+    """``value`` must be a percentile: a finite number in ``[0, 100]`` (``[0, 100)`` with
+    ``upper_open``)."""
+    ok = (
+        not isinstance(value, bool)
+        and isinstance(value, numbers.Real)
+        and np.isfinite(value)
+        and 0 <= value <= 100
+        and not (upper_open and value == 100)
+    )
+    if not ok:
+        bound = "[0, 100)" if upper_open else "[0, 100]"
+        raise ValueError(
+            f"{type(owner).__name__}: {name} is a percentile and must be a number in {bound}, "
+            f"got {value!r}."
+        )
+
+
+def check_less(owner: object, low: str, high: str) -> None:
+    """The hyperparameter named ``low`` must be smaller than the one named ``high``."""
+    a, b = getattr(owner, low), getattr(owner, high)
+    if not a < b:
+        raise ValueError(f"{type(owner).__name__}: need {low} < {high}, got {low}={a}, {high}={b}.")
 
 #: Inputs whose largest magnitude lies outside this range are "extreme units": float32
 #: networks and softmaxes saturate or underflow there.

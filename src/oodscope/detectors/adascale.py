@@ -16,17 +16,11 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._numeric import logsumexp
+from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    capture_head_input,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-)
+from ._network import (capture_head_input, check_model, eval_mode, float_inputs, forward_logits,
+                       head_of, input_batches)
 from .base import Detector, register
 
 __all__ = ["AdaSCALEA", "AdaSCALEL", "adaptive_scale"]
@@ -82,16 +76,7 @@ class _AdaSCALE(Detector):
     def __init__(self, model: Any = None, percentile: tuple = (75, 85), k1: float = 5.0,
                  k2: float = 1.0, lmbda: float = 10.0, o: float = 0.05, step: float = 0.5,
                  n_samples: int | None = 5000, random_state: int = 0, batch_size: int = 128):
-        self.model = model
-        self.percentile = percentile
-        self.k1 = k1
-        self.k2 = k2
-        self.lmbda = lmbda
-        self.o = o
-        self.step = step
-        self.n_samples = n_samples
-        self.random_state = random_state
-        self.batch_size = batch_size
+        store_params(self, locals())
 
     # ------------------------------------------------------------ checks
     def _percentiles(self) -> tuple[float, float]:

@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._numeric import log_softmax, logsumexp
+from .._params import store_params
 from ..features import Features
 from ._checks import check_int, check_real
 from .base import Detector, register
@@ -42,10 +43,7 @@ class MCDropout(Detector):
     )
 
     def __init__(self, p: float = 0.5, n_samples: int = 30, criterion: str = "msp", random_state: int = 0):
-        self.p = p
-        self.n_samples = n_samples
-        self.criterion = criterion
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         check_real(self, "p", self.p)

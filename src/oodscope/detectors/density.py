@@ -7,7 +7,9 @@ from typing import Sequence
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
+from ._checks import check_positive_int
 from ._stats import batched_shrunk_whitening, iter_chunks, map_chunks, progress
 from .base import Detector, register
 
@@ -55,12 +57,7 @@ class ClassChunkGMM(Detector):
         self.chunk_size = chunk_size
 
     def _check_params(self) -> None:
-        if (
-            isinstance(self.n_chunks, bool)
-            or not isinstance(self.n_chunks, (int, np.integer))
-            or self.n_chunks < 1
-        ):
-            raise ValueError(f"n_chunks must be a positive integer, got {self.n_chunks!r}.")
+        check_positive_int("n_chunks", self.n_chunks)
         if not (isinstance(self.shrinkage, (int, float)) and 0.0 <= self.shrinkage < 1.0):
             raise ValueError(f"shrinkage must be a float in [0, 1), got {self.shrinkage!r}.")
         if self.chunk_size is not None and not (
@@ -217,19 +214,10 @@ class GramDeviation(Detector):
         seed: int = 0,
         chunk_size: int | None = None,
     ):
-        self.max_power = max_power
-        self.layers = layers
-        self.validation_fraction = validation_fraction
-        self.seed = seed
-        self.chunk_size = chunk_size
+        store_params(self, locals())
 
     def _check_params(self) -> None:
-        if (
-            isinstance(self.max_power, bool)
-            or not isinstance(self.max_power, (int, np.integer))
-            or self.max_power < 1
-        ):
-            raise ValueError(f"max_power must be a positive integer, got {self.max_power!r}.")
+        check_positive_int("max_power", self.max_power)
         if not (
             isinstance(self.validation_fraction, float) and 0.0 < self.validation_fraction < 1.0
         ):

@@ -42,6 +42,7 @@ from typing import Any
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
 from .base import Detector, register
 
@@ -180,19 +181,7 @@ class DisCoPatch(Detector):
                  train_patches: int = 8, test_patches: int = 16, steps: int = 2000, batch_images: int = 32,
                  lr: float = 5e-4, kld_weight: float = 1e-4, gen_weight: float = 1e-3,
                  recon_weight: float = 1e-3, seed: int = 0, batch_size: int = 256):
-        self.patch_size = patch_size
-        self.hidden_dims = hidden_dims
-        self.latent_dim = latent_dim
-        self.train_patches = train_patches
-        self.test_patches = test_patches
-        self.steps = steps
-        self.batch_images = batch_images
-        self.lr = lr
-        self.kld_weight = kld_weight
-        self.gen_weight = gen_weight
-        self.recon_weight = recon_weight
-        self.seed = seed
-        self.batch_size = batch_size
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         for name in ("patch_size", "latent_dim", "train_patches", "test_patches", "steps", "batch_images",

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .._params import store_params
 from .._state import persistable
 from .._numeric import (
     l2_normalize,
@@ -24,6 +25,7 @@ from .._numeric import (
     softmax,
 )
 from ..features import Features
+from ._checks import check_positive_int as _check_positive_int
 from ._neighbors import probe_recall, release_rows, stream_topk, topk_inner_products
 from ._stats import (
     GaussianScorer,
@@ -65,11 +67,6 @@ def _check_chunk_size(chunk_size: Any) -> None:
         isinstance(chunk_size, (int, np.integer)) and chunk_size >= 1
     ):
         raise ValueError(f"chunk_size must be None or a positive integer, got {chunk_size!r}.")
-
-
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}.")
 
 
 def _num_classes(train: Features) -> int:
@@ -825,19 +822,10 @@ class _NeighborBank(Detector):
     Scoring with (or tuning to) a larger k than the calibrated one re-measures first.
     """
 
-    def _init_index_params(self, index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
-                           target_recall, probe_size, backend, seed) -> None:
-        self.index = index
-        self.nlist = nlist
-        self.nprobe = nprobe
-        self.pq_m = pq_m
-        self.ef_search = ef_search
-        self.hnsw_m = hnsw_m
-        self.storage = storage
-        self.target_recall = target_recall
-        self.probe_size = probe_size
-        self.backend = backend
-        self.seed = seed
+    def _check_params(self) -> None:
+        _check_positive_int("k", self.k)
+        _check_subsample(self.subsample)
+        self._check_index_params()
 
     def _check_index_params(self) -> None:
         if self.index not in _INDEX_CHOICES:
@@ -987,15 +975,7 @@ class KNN(_NeighborBank):
         target_recall: float | None = 0.99,
         probe_size: int = 1000,
     ):
-        self.k = k
-        self.subsample = subsample
-        self._init_index_params(index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
-                                target_recall, probe_size, backend, seed)
-
-    def _check_params(self) -> None:
-        _check_positive_int("k", self.k)
-        _check_subsample(self.subsample)
-        self._check_index_params()
+        store_params(self, locals())
 
     def _fit(self, train: Features) -> None:
         idx = _subsample_indices(len(train), self.subsample, self.seed)
@@ -1079,15 +1059,7 @@ class NNGuide(_NeighborBank):
         target_recall: float | None = 0.99,
         probe_size: int = 1000,
     ):
-        self.k = k
-        self.subsample = subsample
-        self._init_index_params(index, nlist, nprobe, pq_m, ef_search, hnsw_m, storage,
-                                target_recall, probe_size, backend, seed)
-
-    def _check_params(self) -> None:
-        _check_positive_int("k", self.k)
-        _check_subsample(self.subsample)
-        self._check_index_params()
+        store_params(self, locals())
 
     def _fit(self, train: Features) -> None:
         idx = _subsample_indices(len(train), self.subsample, self.seed)
@@ -1368,10 +1340,7 @@ class Relation(Detector):
         subsample: float | int | None = None,
         seed: int = 0,
     ):
-        self.pow = pow
-        self.threshold = threshold
-        self.subsample = subsample
-        self.seed = seed
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         if not (isinstance(self.pow, (int, float)) and self.pow > 0):

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
 from .base import Detector, create, register
 
@@ -143,11 +144,7 @@ class Ensemble(Detector):
         calibration_fraction: float = 0.2,
         random_state: int = 0,
     ):
-        self.members = members
-        self.method = method
-        self.weights = weights
-        self.calibration_fraction = calibration_fraction
-        self.random_state = random_state
+        store_params(self, locals())
 
     # ------------------------------------------------------------ members
     def _resolved_members(self) -> list[Detector]:

@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._numeric import softmax
+from .._params import store_params
 from ..features import Features
 from ._checks import refuse_unresolved_scores
 from .base import Detector, register
@@ -49,11 +50,7 @@ class _PerturbedSoftmax(Detector):
         input_std: float | Sequence[float] | None = None,
         batch_size: int = 128,
     ):
-        self.model = model
-        self.temperature = temperature
-        self.epsilon = epsilon
-        self.input_std = input_std
-        self.batch_size = batch_size
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         import torch

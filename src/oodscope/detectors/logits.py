@@ -19,22 +19,11 @@ from scipy.special import logsumexp as _lse
 
 from .._numeric import log_softmax, logsumexp
 from ..features import Features
+from ._checks import check_less, check_real
 from .base import Detector, register
 
 #: Rows per block when a computation materialises an (n, C) or (n, K) float64 array.
 _CHUNK_ELEMENTS = 1 << 22
-
-
-def _check_positive(owner: object, name: str, value: object) -> None:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not np.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"{type(owner).__name__}: {name} must be a finite number > 0, got {value!r}."
-        )
 
 
 def _row_blocks(n: int, width: int):
@@ -109,7 +98,7 @@ class MSP(Detector):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        _check_positive(self, "temperature", self.temperature)
+        check_real(self, "temperature", self.temperature, 0, strict=True)
 
     def _score(self, x: Features) -> np.ndarray:
         return _msp(x.logits, self.temperature)
@@ -141,7 +130,7 @@ class Energy(Detector):
         self.temperature = temperature
 
     def _check_params(self) -> None:
-        _check_positive(self, "temperature", self.temperature)
+        check_real(self, "temperature", self.temperature, 0, strict=True)
 
     def _score(self, x: Features) -> np.ndarray:
         logits, t = x.logits, self.temperature
@@ -202,7 +191,7 @@ class GEN(Detector):
         self.top_m = top_m
 
     def _check_params(self) -> None:
-        _check_positive(self, "gamma", self.gamma)
+        check_real(self, "gamma", self.gamma, 0, strict=True)
         if (
             isinstance(self.top_m, bool)
             or not isinstance(self.top_m, numbers.Integral)
@@ -303,12 +292,9 @@ class TemperatureScaling(Detector):
         self.t_max = t_max
 
     def _check_params(self) -> None:
-        _check_positive(self, "t_min", self.t_min)
-        _check_positive(self, "t_max", self.t_max)
-        if not self.t_min < self.t_max:
-            raise ValueError(
-                f"TemperatureScaling: need t_min < t_max, got t_min={self.t_min}, t_max={self.t_max}."
-            )
+        check_real(self, "t_min", self.t_min, 0, strict=True)
+        check_real(self, "t_max", self.t_max, 0, strict=True)
+        check_less(self, "t_min", "t_max")
 
     def _fit(self, train: Features) -> None:
         logits = train.logits

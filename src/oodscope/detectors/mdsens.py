@@ -14,21 +14,12 @@ from typing import Any, ClassVar, Sequence
 import numpy as np
 
 from .._numeric import shrunk_covariance_inverse
+from .._params import store_params
 from ..features import Features
 from ._checks import check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    capture_head_input,
-    capture_outputs,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-    resolve_modules,
-    stage_outputs,
-    torch_pool,
-)
+from ._network import (capture_head_input, capture_outputs, check_model, eval_mode, float_inputs,
+                       forward_logits, head_of, input_batches, resolve_modules, stage_outputs,
+                       torch_pool)
 from ._stats import ScatterAccumulator, whitening_from_precision
 from .base import Detector, register
 
@@ -84,15 +75,7 @@ class MDSEnsemble(Detector):
                  layer_weights: Sequence[float] | None = None, input_std: float | Sequence[float] | None = None,
                  shrinkage: float = 1e-3, n_calibration: int = 1000, batch_size: int = 128,
                  random_state: int = 0):
-        self.model = model
-        self.layers = layers
-        self.epsilon = epsilon
-        self.layer_weights = layer_weights
-        self.input_std = input_std
-        self.shrinkage = shrinkage
-        self.n_calibration = n_calibration
-        self.batch_size = batch_size
-        self.random_state = random_state
+        store_params(self, locals())
 
     # ------------------------------------------------------------ checks
     def _check_params(self) -> None:

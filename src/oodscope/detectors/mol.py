@@ -34,6 +34,7 @@ from typing import Iterable
 import numpy as np
 
 from .._numeric import logsumexp
+from .._params import store_params
 from ..features import Features, as_features
 from .base import Detector, register
 
@@ -66,20 +67,7 @@ class MOL(Detector):
                  meta_iters: int = 300, tasks_per_iter: int = 4, outer_lr: float = 1e-2, support_size: int = 20,
                  query_size: int = 64, energy_weight: float = 0.1, m_in: float = -5.0, m_out: float = -1.0,
                  domain_key: str = "domain", seed: int = 0):
-        self.hidden = hidden
-        self.inner_steps = inner_steps
-        self.inner_lr = inner_lr
-        self.adapt_steps = adapt_steps
-        self.meta_iters = meta_iters
-        self.tasks_per_iter = tasks_per_iter
-        self.outer_lr = outer_lr
-        self.support_size = support_size
-        self.query_size = query_size
-        self.energy_weight = energy_weight
-        self.m_in = m_in
-        self.m_out = m_out
-        self.domain_key = domain_key
-        self.seed = seed
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         for name in ("inner_steps", "adapt_steps", "meta_iters", "tasks_per_iter", "support_size", "query_size"):

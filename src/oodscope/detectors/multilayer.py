@@ -21,6 +21,7 @@ import numpy as np
 from scipy import stats
 
 from .._numeric import logsumexp, shrunk_covariance_inverse
+from .._params import store_params
 from ..features import Features
 from ._network import ANY_LAYER, InstanceNeeds, InstanceNeedsMethod, layer_key, pool_layer
 from ._stats import whitening_from_precision
@@ -135,11 +136,7 @@ class MultiLayer(Detector):
 
     def __init__(self, detector: Any = "mahalanobis", layers: Sequence[str] | None = None,
                  aggregation: str = "std", calibration_fraction: float = 0.2, random_state: int = 0):
-        self.detector = detector
-        self.layers = layers
-        self.aggregation = aggregation
-        self.calibration_fraction = calibration_fraction
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _member_needs_labels(self) -> bool:
         try:
@@ -291,15 +288,7 @@ class SEM(Detector):
                  high_components: int = 10, low_components: int = 3, high_dim: int | None = 50,
                  low_dim: int | None = None, shrinkage: float = 1e-3, max_fit_samples: int | None = 20000,
                  random_state: int = 0):
-        self.layers = layers
-        self.low_weight = low_weight
-        self.high_components = high_components
-        self.low_components = low_components
-        self.high_dim = high_dim
-        self.low_dim = low_dim
-        self.shrinkage = shrinkage
-        self.max_fit_samples = max_fit_samples
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         _layer_names(self, self.layers)

@@ -11,6 +11,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._numeric import softmax
+from .._params import store_params
 from ..features import Features
 from ._checks import check_int, check_real
 from .base import Detector, register
@@ -116,11 +117,7 @@ class NACUE(Detector):
 
     def __init__(self, steepness: float = 100.0, bins: int = 50, min_count: int = 50,
                  n_samples: int | None = 1000, random_state: int = 0):
-        self.steepness = steepness
-        self.bins = bins
-        self.min_count = min_count
-        self.n_samples = n_samples
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         check_real(self, "steepness", self.steepness, strict=True)

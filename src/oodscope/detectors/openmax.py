@@ -15,6 +15,7 @@ import numpy as np
 from scipy.optimize import brentq
 
 from .._numeric import log_softmax
+from .._params import store_params
 from ..features import Features
 from ._checks import check_int, check_real
 from .base import Detector, register
@@ -114,11 +115,7 @@ class OpenMax(Detector):
 
     def __init__(self, tail_size: int = 20, alpha: int = 3, distance: str = "eucos",
                  eu_weight: float = 1.0 / 200.0, translate: float = 10000.0):
-        self.tail_size = tail_size
-        self.alpha = alpha
-        self.distance = distance
-        self.eu_weight = eu_weight
-        self.translate = translate
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         check_int(self, "tail_size", self.tail_size)

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .._numeric import l2_normalize, log_softmax
+from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int
 from .base import Detector, register
@@ -186,10 +187,7 @@ class CFOOD(Detector):
 
     def __init__(self, rho: float = 0.01, reference_fraction: float = 0.1,
                  max_reference: int | None = 20000, random_state: int = 0):
-        self.rho = rho
-        self.reference_fraction = reference_fraction
-        self.max_reference = max_reference
-        self.random_state = random_state
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         check_fraction(self, "rho", self.rho)

@@ -13,23 +13,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .._numeric import logsumexp
+from .._params import store_params
 from ..features import Features
 from ._checks import check_int, check_real, refuse_unresolved_scores
-from ._network import (
-    ANY_LAYER,
-    InstanceNeeds,
-    InstanceNeedsMethod,
-    capture_outputs,
-    check_model,
-    eval_mode,
-    float_inputs,
-    forward_logits,
-    head_of,
-    input_batches,
-    resolve_modules,
-    stage_outputs,
-    torch_single_thread,
-)
+from ._network import (ANY_LAYER, InstanceNeeds, InstanceNeedsMethod, capture_outputs, check_model,
+                       eval_mode, float_inputs, forward_logits, head_of, input_batches,
+                       resolve_modules, stage_outputs, torch_single_thread)
 from .base import Detector, register
 
 __all__ = ["RankFeat", "RankWeight", "remove_rank1"]
@@ -81,10 +70,7 @@ class _Rerun(Detector):
 
     def __init__(self, model: Any = None, layers: str | Sequence[str] | None = None,
                  temperature: float = 1.0, batch_size: int = 128):
-        self.model = model
-        self.layers = layers
-        self.temperature = temperature
-        self.batch_size = batch_size
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         check_model(self, self.model)

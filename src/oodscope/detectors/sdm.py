@@ -55,6 +55,7 @@ from typing import Any
 import numpy as np
 
 from .._numeric import logsumexp
+from .._params import store_params
 from ..features import Features
 from ._stats import iter_chunks
 from .base import Detector, register
@@ -175,15 +176,7 @@ class SDM(Detector):
     def __init__(self, alpha: float = 0.95, calibration_fraction: float = 0.5, max_q: int = 1000,
                  rescaler_iters: int = 200, rescaler_ridge: float = 1e-3, max_bins: int = 500,
                  distance_mode: str = "min", seed: int = 0, chunk_size: int | None = None):
-        self.alpha = alpha
-        self.calibration_fraction = calibration_fraction
-        self.max_q = max_q
-        self.rescaler_iters = rescaler_iters
-        self.rescaler_ridge = rescaler_ridge
-        self.max_bins = max_bins
-        self.distance_mode = distance_mode
-        self.seed = seed
-        self.chunk_size = chunk_size
+        store_params(self, locals())
 
     # ------------------------------------------------------------------ checks
     def _check_params(self) -> None:

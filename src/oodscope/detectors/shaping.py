@@ -12,13 +12,13 @@ matrix products run in float32 and the log-sum-exp in float64.
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
 from .._numeric import logsumexp
 from ..features import Features
+from ._checks import check_less, check_percentile
 from .base import Detector, register
 
 #: Elements per block of features processed at once (about 16 MB of float32).
@@ -26,22 +26,6 @@ _BLOCK_ELEMENTS = 1 << 22
 #: Above this many training activations, percentiles are estimated on a fixed random subset
 #: of rows (seeded, so fits are reproducible) instead of copying the whole bank.
 _MAX_PERCENTILE_ELEMENTS = 1 << 25
-
-
-def _check_percentile(owner: object, name: str, value: object, *, upper_open: bool = False) -> None:
-    ok = (
-        not isinstance(value, bool)
-        and isinstance(value, numbers.Real)
-        and np.isfinite(value)
-        and 0 <= value <= 100
-        and not (upper_open and value == 100)
-    )
-    if not ok:
-        bound = "[0, 100)" if upper_open else "[0, 100]"
-        raise ValueError(
-            f"{type(owner).__name__}: {name} is a percentile and must be a number in {bound}, "
-            f"got {value!r}."
-        )
 
 
 def _row_blocks(n: int, width: int):
@@ -143,7 +127,7 @@ class ReAct(_ShapedEnergy):
         self.percentile = percentile
 
     def _check_params(self) -> None:
-        _check_percentile(self, "percentile", self.percentile)
+        check_percentile(self, "percentile", self.percentile)
 
     def _fit(self, train: Features) -> None:
         acts = _rows_for_percentiles(train.features).reshape(-1)
@@ -153,17 +137,22 @@ class ReAct(_ShapedEnergy):
         return np.minimum(h, np.float32(self.threshold_), out=h), None
 
 
-class _ASH(_ShapedEnergy):
-    """Shared parameters of the ASH variants (Djurisic et al., ICLR 2023)."""
+class _SamplePercentile(_ShapedEnergy):
+    """Shaping driven by each sample's own ``percentile``-th activation percentile (ASH, SCALE)."""
 
     search_space: ClassVar[dict[str, list[Any]]] = {"percentile": [65, 70, 80, 85, 90, 95]}
+
+    def _check_params(self) -> None:
+        check_percentile(self, "percentile", self.percentile, upper_open=True)
+
+
+class _ASH(_SamplePercentile):
+    """Shared parameters of the ASH variants (Djurisic et al., ICLR 2023)."""
+
     reference = "Djurisic et al., Extremely Simple Activation Shaping for Out-of-Distribution Detection, ICLR 2023"
 
     def __init__(self, percentile: float = 90):
         self.percentile = percentile
-
-    def _check_params(self) -> None:
-        _check_percentile(self, "percentile", self.percentile, upper_open=True)
 
 
 @register("ash_p")
@@ -215,20 +204,16 @@ class ASHS(_ASH):
 
 
 @register("scale")
-class SCALE(_ShapedEnergy):
+class SCALE(_SamplePercentile):
     """SCALE (Xu et al., ICLR 2024): multiply the *unpruned* features by ``exp(s1/s2)``,
     with ``s1`` the sum of all activations and ``s2`` the sum of those above the sample's
     ``percentile``-th percentile (the ASH-S factor without the pruning), then energy.
     Like ASH, it assumes non-negative (post-ReLU) activations."""
 
-    search_space: ClassVar[dict[str, list[Any]]] = {"percentile": [65, 70, 80, 85, 90, 95]}
     reference = "Xu et al., Scaling for Training Time and Post-hoc Out-of-distribution Detection Enhancement, ICLR 2024"
 
     def __init__(self, percentile: float = 85):
         self.percentile = percentile
-
-    def _check_params(self) -> None:
-        _check_percentile(self, "percentile", self.percentile, upper_open=True)
 
     def _shape(self, h):
         total = h.sum(axis=1, dtype=np.float64)
@@ -255,7 +240,7 @@ class DICE(_ShapedEnergy):
         self.sparsity = sparsity
 
     def _check_params(self) -> None:
-        _check_percentile(self, "sparsity", self.sparsity, upper_open=True)
+        check_percentile(self, "sparsity", self.sparsity, upper_open=True)
 
     def _fit(self, train: Features) -> None:
         mean = np.mean(train.features, axis=0, dtype=np.float64)
@@ -304,10 +289,9 @@ class VRA(_ShapedEnergy):
         self.beta = beta
 
     def _check_params(self) -> None:
-        _check_percentile(self, "alpha", self.alpha)
-        _check_percentile(self, "beta", self.beta)
-        if not self.alpha < self.beta:
-            raise ValueError(f"VRA: need alpha < beta, got alpha={self.alpha}, beta={self.beta}.")
+        check_percentile(self, "alpha", self.alpha)
+        check_percentile(self, "beta", self.beta)
+        check_less(self, "alpha", "beta")
 
     def _fit(self, train: Features) -> None:
         acts = _rows_for_percentiles(train.features)

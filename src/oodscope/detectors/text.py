@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
 from .base import Detector, register
 
@@ -69,17 +70,7 @@ class LMLikelihoodRatio(Detector):
                  reduction: str = "mean", finetune_steps: int = 200, finetune_lr: float = 1e-4,
                  finetune_batch_size: int = 8, lora: bool | None = None, batch_size: int = 16,
                  max_length: int = 128, device: str = "cpu"):
-        self.base_model = base_model
-        self.finetuned_model = finetuned_model
-        self.tokenizer = tokenizer
-        self.reduction = reduction
-        self.finetune_steps = finetune_steps
-        self.finetune_lr = finetune_lr
-        self.finetune_batch_size = finetune_batch_size
-        self.lora = lora
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.device = device
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         if self.base_model is None:
@@ -188,21 +179,7 @@ class MLKD(Detector):
                  student: dict | None = None, steps: int = 1000, lr: float = 5e-5, batch_size: int = 16,
                  temperature: float = 1.0, n_best: int = 2, hidden_weight: float = 1.0, lm_weight: float = 0.0,
                  scoring: str = "perplexity", max_length: int = 64, seed: int = 0, device: str = "cpu"):
-        self.teacher_model = teacher_model
-        self.tokenizer = tokenizer
-        self.finetune_teacher_steps = finetune_teacher_steps
-        self.student = student
-        self.steps = steps
-        self.lr = lr
-        self.batch_size = batch_size
-        self.temperature = temperature
-        self.n_best = n_best
-        self.hidden_weight = hidden_weight
-        self.lm_weight = lm_weight
-        self.scoring = scoring
-        self.max_length = max_length
-        self.seed = seed
-        self.device = device
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         if self.teacher_model is None:

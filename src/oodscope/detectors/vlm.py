@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .._numeric import l2_normalize, logsumexp, softmax
+from .._params import store_params
 from ..features import Features
 from .base import Detector, register
 
@@ -175,11 +176,7 @@ class MCM(_ZeroShot):
     def __init__(self, encoder: Any = None, class_names: Sequence[str] | None = None,
                  text_embeds: Any = None, templates: Sequence[str] = ("a photo of a {}.",),
                  temperature: float = 1.0):
-        self.encoder = encoder
-        self.class_names = class_names
-        self.text_embeds = text_embeds
-        self.templates = templates
-        self.temperature = temperature
+        store_params(self, locals())
 
     def _score(self, x: Features) -> np.ndarray:
         return softmax(self._id_sims(x) / self.temperature, axis=1).max(axis=1)
@@ -258,17 +255,7 @@ class NegLabel(_ZeroShot):
                  n_negatives: int = 10000, percentile: float = 0.95, n_groups: int = 100,
                  group_seed: int = 0, temperature: float = 0.01,
                  templates: Sequence[str] = ("The nice {}.",)):
-        self.encoder = encoder
-        self.class_names = class_names
-        self.text_embeds = text_embeds
-        self.words = words
-        self.neg_text_embeds = neg_text_embeds
-        self.n_negatives = n_negatives
-        self.percentile = percentile
-        self.n_groups = n_groups
-        self.group_seed = group_seed
-        self.temperature = temperature
-        self.templates = templates
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         super()._check_params()
@@ -589,15 +576,7 @@ class CLIPN(_ZeroShot):
                  templates: Sequence[str] = ("a photo of a {}.",),
                  no_templates: Sequence[str] | None = None, rule: str = "atd",
                  logit_scale: float = 100.0):
-        self.encoder = encoder
-        self.class_names = class_names
-        self.text_embeds = text_embeds
-        self.no_encoder = no_encoder
-        self.no_text_embeds = no_text_embeds
-        self.templates = templates
-        self.no_templates = no_templates
-        self.rule = rule
-        self.logit_scale = logit_scale
+        store_params(self, locals())
 
     temperature = 1.0  # unused; keeps the shared parameter check simple
 
@@ -669,18 +648,7 @@ class COOkeD(_ZeroShot):
                  members: Sequence[str] = ("classifier", "clip", "probe"),
                  probe_epochs: int = 20, probe_lr: float = 0.1, probe_batch_size: int = 256,
                  probe_weight_decay: float = 0.0, seed: int = 0):
-        self.encoder = encoder
-        self.class_names = class_names
-        self.text_embeds = text_embeds
-        self.templates = templates
-        self.clip_scale = clip_scale
-        self.rule = rule
-        self.members = members
-        self.probe_epochs = probe_epochs
-        self.probe_lr = probe_lr
-        self.probe_batch_size = probe_batch_size
-        self.probe_weight_decay = probe_weight_decay
-        self.seed = seed
+        store_params(self, locals())
 
     temperature = 1.0
 

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .._numeric import l2_normalize
+from .._params import store_params
 from ..features import Features
 from .base import Detector, register
 from .vlm import _as_embeds, _chunks, _image_embeds
@@ -140,18 +141,7 @@ class TagOOD(Detector):
     def __init__(self, hidden: int = 512, layers: int = 2, heads: int = 8, n_patterns: int = 4,
                  epochs: int = 100, lr: float = 0.01, weight_decay: float = 5e-4, batch_size: int = 256,
                  ema: float = 0.999, center_weight: float = 0.1, dropout: float = 0.1, seed: int = 0):
-        self.hidden = hidden
-        self.layers = layers
-        self.heads = heads
-        self.n_patterns = n_patterns
-        self.epochs = epochs
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.batch_size = batch_size
-        self.ema = ema
-        self.center_weight = center_weight
-        self.dropout = dropout
-        self.seed = seed
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         for name in ("hidden", "layers", "heads", "n_patterns", "epochs", "batch_size"):

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .._numeric import l2_normalize, logsumexp, softmax
+from .._params import store_params
 from ..features import Features
 from .base import Detector, register
 from .vlm import NegLabel, _as_embeds, _chunks, _image_embeds
@@ -58,10 +59,7 @@ class _GroupedPromptParams:
 
     def __init__(self, prompts: Any = None, n_groups: int = 100, group_seed: int = 0,
                  temperature: float | None = None):
-        self.prompts = prompts
-        self.n_groups = n_groups
-        self.group_seed = group_seed
-        self.temperature = temperature
+        store_params(self, locals())
 
     def _check_params(self) -> None:
         if self.prompts is None:

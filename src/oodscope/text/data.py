@@ -21,7 +21,6 @@ canonical repository with a sha256 check.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._cache import file_sha256
 from ..data.registry import cache_root, find_dataset_dir, is_offline, search_paths
 
 __all__ = [
@@ -201,14 +201,6 @@ def _find_release(names: Sequence[str], required, root) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _clinc_file(variant: str, root: str | Path | None, download: bool) -> Path:
     fname = f"data_{variant}.json"
     found = find_dataset_dir("clinc150", [fname], root)
@@ -234,7 +226,7 @@ def _clinc_file(variant: str, root: str | Path | None, download: bool) -> Path:
             f"CLINC150 file {fname} is not available locally and downloading {url} failed ({exc}). "
             f"Put {fname} in $OODSCOPE_DATA/clinc150/ or {target.parent}/."
         ) from exc
-    digest = _sha256(tmp)
+    digest = file_sha256(tmp)
     if digest != _CLINC_SHA256[variant]:
         tmp.unlink(missing_ok=True)
         raise ValueError(f"Checksum mismatch for {url}: got {digest}, expected {_CLINC_SHA256[variant]}.")

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .._cache import cache_key, fingerprint
+from .._params import store_params
 from .data import validate_texts
 
 __all__ = [
@@ -144,12 +145,7 @@ class SentenceEncoder(TextEncoder):
 
     def __init__(self, model: Any = None, device: str = "cpu", batch_size: int = 64,
                  normalize: bool | None = None, max_length: int | None = None, progress: bool = True):
-        self.model = model
-        self.device = device
-        self.batch_size = batch_size
-        self.normalize = normalize
-        self.max_length = max_length
-        self.progress = progress
+        store_params(self, locals())
 
     @property
     def model_(self) -> Any:
@@ -218,14 +214,7 @@ class HFEncoder(TextEncoder):
     def __init__(self, model: Any, tokenizer: Any = None, pooling: str = "mean", device: str = "cpu",
                  batch_size: int = 64, normalize: bool = False, max_length: int | None = None,
                  progress: bool = True):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.pooling = pooling
-        self.device = device
-        self.batch_size = batch_size
-        self.normalize = normalize
-        self.max_length = max_length
-        self.progress = progress
+        store_params(self, locals())
 
     def _load(self) -> tuple[Any, Any]:
         if self.pooling not in ("mean", "cls"):

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from .._params import store_params
 from ..features import Features
 
 __all__ = ["ClassifierHead", "fit_head"]
@@ -52,14 +53,7 @@ class ClassifierHead:
                  weight_decay: float | Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2),
                  max_iter: int = 100, epochs: int = 40, lr: float = 1e-3, batch_size: int = 256,
                  label_smoothing: float = 0.0, seed: int = 0):
-        self.hidden = hidden
-        self.weight_decay = weight_decay
-        self.max_iter = max_iter
-        self.epochs = epochs
-        self.lr = lr
-        self.batch_size = batch_size
-        self.label_smoothing = label_smoothing
-        self.seed = seed
+        store_params(self, locals())
 
     # ------------------------------------------------------------------ fitting
     def fit(self, x: np.ndarray | Features, y: np.ndarray | None = None,

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-__all__ = ["CosineLinear", "AbeTHead", "ZScoreHead", "attach_abet_head", "attach_zscore_head",
-           "classifier_head"]
+__all__ = ["CosineLinear", "WrappingHead", "AbeTHead", "ZScoreHead", "attach_abet_head",
+           "attach_zscore_head", "classifier_head"]
 
 
 def classifier_head(model: nn.Module, method: str) -> nn.Module:
@@ -49,26 +49,36 @@ class CosineLinear(nn.Linear):
         return F.linear(F.normalize(h, dim=1, eps=1e-12), F.normalize(self.weight, dim=1, eps=1e-12))
 
 
-class AbeTHead(nn.Module):
+class WrappingHead(nn.Module):
+    """A head built around the layer that produces its logits (attribute ``logit_layer``):
+    ``in_features`` / ``out_features`` are that layer's, so the head reads like the
+    ``nn.Linear`` it replaced."""
+
+    logit_layer = "linear"
+
+    @property
+    def in_features(self) -> int:
+        return getattr(self, self.logit_layer).in_features
+
+    @property
+    def out_features(self) -> int:
+        return getattr(self, self.logit_layer).out_features
+
+
+class AbeTHead(WrappingHead):
     """Cosine classifier plus learned temperature ``T(x) = sigmoid(BN(Linear(h)))`` in (0, 1].
 
     Returns ``{"logits": f, "temperature": T}`` with ``f`` the cosine logits (in [-1, 1]) and
     ``T`` of shape ``(batch,)``. Training uses cross-entropy on ``f / T``.
     """
 
+    logit_layer = "cosine"
+
     def __init__(self, in_features: int, num_classes: int):
         super().__init__()
         # registered first so that the cosine layer is the last nn.Linear (= the head)
         self.temperature = nn.Sequential(nn.Linear(in_features, 1), nn.BatchNorm1d(1))
         self.cosine = CosineLinear(in_features, num_classes)
-
-    @property
-    def in_features(self) -> int:
-        return self.cosine.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.cosine.out_features
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         t = torch.sigmoid(self.temperature(h)).squeeze(1)
@@ -77,21 +87,13 @@ class AbeTHead(nn.Module):
         return {"logits": self.cosine(h), "temperature": t}
 
 
-class ZScoreHead(nn.Module):
+class ZScoreHead(WrappingHead):
     """Per-sample z-scored features, scaled by ``sigma``, then a linear classifier."""
 
     def __init__(self, linear: nn.Linear, sigma: float = 0.5):
         super().__init__()
         self.sigma = float(sigma)
         self.linear = linear
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
 
     def normalize(self, h: torch.Tensor) -> torch.Tensor:
         h = h.flatten(1)

@@ -34,13 +34,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._params import store_params
 from .base import Objective, register_objective
-from .heads import CosineLinear, classifier_head
+from .heads import CosineLinear, WrappingHead, classifier_head
 
 __all__ = ["HVCMHead", "HVCM", "attach_hvcm_head", "hvcm_terms", "extract_hvcm"]
 
 
-class HVCMHead(nn.Module):
+class HVCMHead(WrappingHead):
     """The classifier ``fc`` plus HVCM's attribute and mixture-weight heads on the same ``h``.
 
     ``forward(h)`` returns ``{"logits", "mixture_weights", "mixture_logits", "attributes"}``;
@@ -62,14 +63,6 @@ class HVCMHead(nn.Module):
         self.attribute = CosineLinear(bottleneck_dim, attribute_dim)
         self.mixture = nn.Linear(bottleneck_dim, num_components, bias=False)
         self.linear = linear
-
-    @property
-    def in_features(self) -> int:
-        return self.linear.in_features
-
-    @property
-    def out_features(self) -> int:
-        return self.linear.out_features
 
     def forward(self, h: torch.Tensor) -> dict[str, torch.Tensor]:
         u = F.normalize(self.bottleneck(h), dim=1)
@@ -125,13 +118,7 @@ class HVCM(Objective):
 
     def __init__(self, num_components: int = 32, attribute_dim: int = 1024, bottleneck_dim: int = 256,
                  alpha: float = 1.6e-4, beta: float = 1.6e-5, gamma: float = 1e-4, ce_weight: float = 1.0):
-        self.num_components = num_components
-        self.attribute_dim = attribute_dim
-        self.bottleneck_dim = bottleneck_dim
-        self.alpha = alpha
-        self.beta = beta
-        self.gamma = gamma
-        self.ce_weight = ce_weight
+        store_params(self, locals())
 
     @property
     def detector_params(self) -> dict:  # type: ignore[override]

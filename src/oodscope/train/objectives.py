@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._outputs import logits_of
+from .._params import store_params
 from .base import CrossEntropy, Objective, register_objective
 from .heads import AbeTHead, ZScoreHead, attach_abet_head, attach_zscore_head, classifier_head
 
@@ -123,11 +124,7 @@ class OutlierExposure(_Stepped):
 
     def __init__(self, lam: float = 0.5, regularizer: str = "uniform", lam_energy: float = 0.1,
                  m_in: float = -25.0, m_out: float = -7.0):
-        self.lam = lam
-        self.regularizer = regularizer
-        self.lam_energy = lam_energy
-        self.m_in = m_in
-        self.m_out = m_out
+        store_params(self, locals())
 
     def setup(self, model, num_classes):
         if self.regularizer not in ("uniform", "energy"):
@@ -354,16 +351,7 @@ class PALM(_Stepped):
                  tau: float = 0.1, proto_tau: float = 0.5, lam: float = 1.0,
                  momentum: float = 0.9, epsilon: float = 0.05, sinkhorn_iters: int = 3,
                  probe_weight: float = 1.0):
-        self.num_prototypes = num_prototypes
-        self.top_k = top_k
-        self.proj_dim = proj_dim
-        self.tau = tau
-        self.proto_tau = proto_tau
-        self.lam = lam
-        self.momentum = momentum
-        self.epsilon = epsilon
-        self.sinkhorn_iters = sinkhorn_iters
-        self.probe_weight = probe_weight
+        store_params(self, locals())
 
     def setup(self, model, num_classes):
         fc = classifier_head(model, "PALM")
@@ -473,13 +461,7 @@ class ASCOOD(_Stepped):
     def __init__(self, weight: float = 1.0, sigma: float = 0.5, p_inv: float = 0.1,
                  mode: str = "gradient", alpha_max: float = 30.0, alpha_min: float = 3.0,
                  decay_epochs: int = 10):
-        self.weight = weight
-        self.sigma = sigma
-        self.p_inv = p_inv
-        self.mode = mode
-        self.alpha_max = alpha_max
-        self.alpha_min = alpha_min
-        self.decay_epochs = decay_epochs
+        store_params(self, locals())
 
     def setup(self, model, num_classes):
         if self.mode not in ("gradient", "shuffle", "gaussian"):
