@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._numeric import l2_normalize, log_softmax
+from .._numeric import l2_normalize, log_softmax, remember
 from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int
@@ -248,10 +248,7 @@ class CFOOD(Detector):
         needs = list(dict.fromkeys([need, *(self._need(r) for r in getattr(self, "_planned_rhos_", ()))]))
         out = self._cfof(feats, needs)
         if cache is not None:
-            cache.pop(key, None)
-            cache[key] = out
-            while len(cache) > self._CACHE_ENTRIES:
-                cache.pop(next(iter(cache)))
+            remember(cache, key, out, self._CACHE_ENTRIES)
         return out[need].copy()
 
     def _cfof(self, feats: np.ndarray, needs: list[int]) -> dict[int, np.ndarray]:
