@@ -163,6 +163,19 @@ def test_cfood_matches_the_definition():
     np.testing.assert_allclose(det.cfof(Features(features=7.0 * queries)), got)
 
 
+def test_cfood_shares_one_pass_across_planned_rho_values():
+    rng = np.random.default_rng(4)
+    ref = Features(features=rng.standard_normal((60, 4)))
+    queries = Features(features=rng.standard_normal((30, 4)))
+    det = ood.create("cfood", reference_fraction=1.0).fit(ref)
+    det.plan_score_params({"rho": [0.02, 0.1, 0.3]})  # what the tuner announces
+    for rho in (0.3, 0.02, 0.1):
+        det.rho = rho
+        alone = ood.create("cfood", reference_fraction=1.0, rho=rho).fit(ref)
+        np.testing.assert_array_equal(det.score(queries), alone.score(queries))
+    assert len(det._cfof_cache_) == 1 and len(next(iter(det._cfof_cache_.values()))) == 3
+
+
 # ------------------------------------------------------------------ WEBO
 def test_webo_by_hand():
     logits = np.array([[0.0, np.log(2.0), 5.0]])

@@ -110,3 +110,32 @@ def test_extraction_from_a_ray_dataset_keeps_its_order(cluster):
     np.testing.assert_allclose(remote.features, local.features, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(remote.logits, local.logits, rtol=1e-6, atol=1e-6)
     assert remote.labels is None
+
+
+def test_bench_scores_on_workers_equal_local(cluster, tmp_path, monkeypatch):
+    import pandas as pd
+    from test_bench_cli import _feature_set  # also registers the 'synthetic-test' benchmark
+
+    from oodscope.bench.runner import run
+
+    calls = []
+    real = distributed.score
+    monkeypatch.setattr(distributed, "score", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fs = _feature_set(n=120)
+    local = run(fs, "knn,vim", ci=False, progress=False)
+    remote = run(fs, "knn,vim", ci=False, progress=False, ray_workers=2)
+    assert not remote.skipped and set(remote.scores) == {"knn", "vim"}
+    # test ID and the 2 test OOD sets of each detector
+    assert len(calls) == 6 and {k["num_workers"] for k in calls} == {2}
+    for det, sets in local.scores.items():
+        for name, s in sets.items():
+            np.testing.assert_allclose(remote.scores[det][name], s, rtol=1e-6, atol=1e-6)
+
+    tables = []
+    for extra in ([], ["--ray", "--ray-workers", "2"]):
+        out = tmp_path / ("ray" if extra else "local")
+        assert cli_main(["bench", "synthetic-test", "--detectors", "knn", "--n-boot", "0", "--no-report",
+                         "--subset", "100", "--out", str(out), *extra]) == 0
+        tables.append(pd.read_csv(out / "results.csv"))
+    assert len(calls) == 9
+    np.testing.assert_allclose(tables[1]["auroc"], tables[0]["auroc"], rtol=1e-6, atol=1e-6)

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import logsumexp as _logsumexp
 
 __all__ = [
+    "remember",
     "softmax",
     "log_softmax",
     "logsumexp",
@@ -100,3 +101,12 @@ def shrunk_covariance_inverse(cov: np.ndarray, shrinkage: float = 1e-3) -> np.nd
     reg = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(d)
     with single_threaded_blas():
         return np.linalg.pinv(reg, hermitian=True)
+
+
+def remember(cache: dict, key: object, value: object, limit: int) -> None:
+    """Store ``value`` as the newest entry of an insertion-ordered ``cache``, dropping the
+    oldest entries beyond ``limit`` (the per-query-set score caches of tuned detectors)."""
+    cache.pop(key, None)
+    cache[key] = value
+    while len(cache) > limit:
+        cache.pop(next(iter(cache)))

@@ -19,9 +19,12 @@ Examples::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import sys
 from pathlib import Path
+
+from ..commands.ray_option import add_ray_arguments
 
 __all__ = ["add_arguments", "run"]
 
@@ -86,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     _add_provider_options(p)
     _add_own_data_options(p)
     _add_training_options(p)
+    r = p.add_argument_group("Ray (extra 'ray'): fitting and tuning stay local, the test sets are scored "
+                             "on Ray workers")
+    add_ray_arguments(r, "score the test sets")
 
 
 def _add_provider_options(p: argparse.ArgumentParser) -> None:
@@ -225,9 +231,9 @@ def run(args: argparse.Namespace) -> int:
     if getattr(args, "list", False) or not (args.benchmark or args.compare_training):
         return _list()
     if args.compare_training:
-        if getattr(args, "export", None):
-            raise ValueError("--export saves a detector of one benchmark run; it does not apply "
-                             "to --compare-training.")
+        for opt, flag in (("export", "--export"), ("ray", "--ray")):
+            if getattr(args, opt, None):
+                raise ValueError(f"{flag} applies to one benchmark run, not to --compare-training.")
         try:
             compare = importlib.import_module("oodscope.bench.compare")
         except ModuleNotFoundError as exc:
@@ -259,12 +265,13 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--class-names is used with --vlm only.")
     spec, ood = _with_data(get_benchmark(args.benchmark), args)
     out = Path(args.out) if args.out else Path("runs") / "bench" / args.benchmark
-    res = run_benchmark(
-        spec, args.detectors, seeds=_seeds(args.seeds), ood=ood,
-        tune_params=not args.no_tune, full_spectrum=args.full_spectrum, ci=n_boot > 0,
-        n_boot=max(n_boot, 1), provider_options=options, progress=True, out_dir=None,
-        keep_detectors=bool(args.export),
-    )
+    with _ray(args):
+        res = run_benchmark(
+            spec, args.detectors, seeds=_seeds(args.seeds), ood=ood,
+            tune_params=not args.no_tune, full_spectrum=args.full_spectrum, ci=n_boot > 0,
+            n_boot=max(n_boot, 1), provider_options=options, progress=True, out_dir=None,
+            keep_detectors=bool(args.export), ray_workers=args.ray_workers if args.ray else None,
+        )
     paths = res.write(out, report=not args.no_report)
     print_leaderboard(res)
     for kind, path in paths.items():
@@ -272,6 +279,17 @@ def run(args: argparse.Namespace) -> int:
     if args.export:
         _export(res, args.export, args.export_tpr, out)
     return 0
+
+
+def _ray(args: argparse.Namespace):
+    """One Ray session (``--ray ADDRESS``) around the whole run, else nothing."""
+    if getattr(args, "ray", None) is None:
+        return contextlib.nullcontext()
+    if args.ray_workers < 1:
+        raise ValueError(f"--ray-workers must be >= 1, got {args.ray_workers}.")
+    from ..distributed import ray_session
+
+    return ray_session(args.ray, num_cpus=args.ray_workers)
 
 
 def _export(res, target: str, tpr: float, out: Path) -> None:

@@ -31,11 +31,12 @@ model the builder passed in ``FeatureSet.detector_kwargs``.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import traceback
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -203,17 +204,37 @@ def _fit(det: Detector, fs: FeatureSet, tune_params: bool, model_tune_samples: i
                    fit_s=tr.fit_seconds / max(tr.n_fits, 1), tune_s=t_tune)
 
 
+def _ray_session(ray_workers: int | None):
+    """The running Ray session (or a local one for the call) when scoring on Ray."""
+    if not ray_workers:
+        return contextlib.nullcontext()
+    from ..distributed import ray_session
+
+    return ray_session(num_cpus=int(ray_workers))
+
+
+def _scorer(det: Detector, ray_workers: int | None) -> Callable[[Features], np.ndarray]:
+    """``det.score``, or with ``ray_workers`` scoring on that many Ray workers of the running
+    Ray session (`oodscope.distributed.score`); detectors that re-run the network score locally."""
+    if not ray_workers or "model" in type(det).all_requirements():
+        return det.score
+    from ..distributed import score as ray_score
+
+    return lambda f: ray_score(det, f, num_workers=ray_workers)
+
+
 def _score(det: Detector, fs: FeatureSet, ood_sets: dict[str, Features], covariate: dict[str, Features],
-           full_spectrum: bool, seed: int) -> _Scores:
+           full_spectrum: bool, seed: int, ray_workers: int | None = None) -> _Scores:
     """Score the test ID set and every test OOD set (and covariate set in full-spectrum mode).
 
     A stateful detector (test-time memory) scores every OOD set as one seeded interleaved
     stream with the test ID set, from an empty memory, so each OOD set has its own ID
-    scores (full-spectrum: ID + covariate sets)."""
+    scores (full-spectrum: ID + covariate sets); it always runs locally."""
     t0 = time.perf_counter()
     if not type(det).stateful:
-        out = _Scores(det.score(fs.test_id), {k: det.score(f) for k, f in ood_sets.items()},
-                      {k: det.score(f) for k, f in covariate.items()} if full_spectrum else {})
+        score = _scorer(det, ray_workers)
+        out = _Scores(score(fs.test_id), {k: score(f) for k, f in ood_sets.items()},
+                      {k: score(f) for k, f in covariate.items()} if full_spectrum else {})
     else:
         first = next(iter(ood_sets))
         pair_id: dict[str, dict[str, np.ndarray]] = {"standard": {}}
@@ -335,6 +356,7 @@ def run(
     keep_scores: bool = True,
     keep_detectors: bool = False,
     progress: bool = True,
+    ray_workers: int | None = None,
 ) -> BenchResult:
     """Fit, tune and score detectors on one `FeatureSet`; return a `BenchResult`.
 
@@ -345,6 +367,9 @@ def run(
     Every detector's validation AUROC / FPR@95 (ID-val vs the validation OOD set, with the
     chosen parameters) is recorded in ``tuning``; ``keep_detectors=True`` also keeps the
     fitted detectors and the FeatureSet on the result (for `oodscope.bench.export`).
+    ``ray_workers=N`` scores the test sets of every non-stateful feature-level detector on N
+    workers of the Ray session opened around the call (`oodscope.distributed.ray_session`);
+    fitting and tuning stay local.
     """
     from tqdm.auto import tqdm
 
@@ -355,37 +380,38 @@ def run(
     timings: list[dict[str, Any]] = []
     scores: dict[str, dict[str, np.ndarray]] = {}
     kept: dict[str, Detector] = {}
-    bar = tqdm(chosen, desc=f"{benchmark}: detectors", unit="det", disable=not progress, leave=False)
-    for name, det in bar:
-        bar.set_postfix_str(name)
-        det = _seeded(det, seed)
-        timing = {"detector": name, "seed": seed, "fit_s": 0.0, "tune_s": 0.0, "score_s": 0.0}
-        try:
-            fitted = _fit(det, fs, tune_params, model_tune_samples, seed)
-            timing.update(fit_s=fitted.fit_s, tune_s=fitted.tune_s)
-            s = _score(fitted.detector, fs, ood_sets, covariate, full_spectrum, seed)
-            t0 = time.perf_counter()
-            try:  # a detector that cannot score the stream keeps its ordinary rows
-                stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
-            except Exception as exc:
-                stream = []
-                skipped[f"{name} (stream)"] = f"stream failed: {type(exc).__name__}: {str(exc)[:300]}"
-            s.seconds += time.perf_counter() - t0
-        except Exception as exc:  # never let one detector crash the run
-            msg = f"{type(exc).__name__}: {exc}".strip()
-            skipped[name] = f"failed: {msg.splitlines()[0][:400]}"
-            timings.append({**timing, "status": "failed", "traceback": traceback.format_exc(limit=3)})
-            continue
-        tuning[name] = fitted.tuning
-        timings.append({**timing, "score_s": s.seconds, "status": "ok",
-                        "uses_model": "model" in type(det).all_requirements()})
-        if keep_detectors:
-            kept[name] = fitted.detector
-        if keep_scores:
-            scores[name] = {"test_id": s.id, **s.ood, **{f"{k} (as ID)": v for k, v in s.covariate.items()}}
-        rows += _rows(benchmark, seed, name, s, groups, full_spectrum, ci, n_boot, fitted.params)
-        rows += stream
-    bar.close()
+    with _ray_session(ray_workers):
+        bar = tqdm(chosen, desc=f"{benchmark}: detectors", unit="det", disable=not progress, leave=False)
+        for name, det in bar:
+            bar.set_postfix_str(name)
+            det = _seeded(det, seed)
+            timing = {"detector": name, "seed": seed, "fit_s": 0.0, "tune_s": 0.0, "score_s": 0.0}
+            try:
+                fitted = _fit(det, fs, tune_params, model_tune_samples, seed)
+                timing.update(fit_s=fitted.fit_s, tune_s=fitted.tune_s)
+                s = _score(fitted.detector, fs, ood_sets, covariate, full_spectrum, seed, ray_workers)
+                t0 = time.perf_counter()
+                try:  # a detector that cannot score the stream keeps its ordinary rows
+                    stream = stream_rows(benchmark, seed, name, fitted.detector, fs.stream, fitted.params) if fs.stream else []
+                except Exception as exc:
+                    stream = []
+                    skipped[f"{name} (stream)"] = f"stream failed: {type(exc).__name__}: {str(exc)[:300]}"
+                s.seconds += time.perf_counter() - t0
+            except Exception as exc:  # never let one detector crash the run
+                msg = f"{type(exc).__name__}: {exc}".strip()
+                skipped[name] = f"failed: {msg.splitlines()[0][:400]}"
+                timings.append({**timing, "status": "failed", "traceback": traceback.format_exc(limit=3)})
+                continue
+            tuning[name] = fitted.tuning
+            timings.append({**timing, "score_s": s.seconds, "status": "ok",
+                            "uses_model": "model" in type(det).all_requirements()})
+            if keep_detectors:
+                kept[name] = fitted.detector
+            if keep_scores:
+                scores[name] = {"test_id": s.id, **s.ood, **{f"{k} (as ID)": v for k, v in s.covariate.items()}}
+            rows += _rows(benchmark, seed, name, s, groups, full_spectrum, ci, n_boot, fitted.params)
+            rows += stream
+        bar.close()
     rows += [result_row(benchmark, "standard", seed, name, "", "", status="skipped", reason=reason)
              for name, reason in skipped.items()]
     info = _run_info(fs, ood_sets, covariate, full_spectrum=full_spectrum, tuned=tune_params, seed=seed,

@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from .inputs import read_features
+from .ray_option import add_ray_arguments
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,11 +18,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--features", required=True, metavar="FILE", help="features to score")
     p.add_argument("--out", default=None, metavar="CSV",
                    help="output CSV (columns index, score, accept, p_value); default: stdout%(default).0s")
-    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
-                   help="score on Ray workers (extra 'ray'): no ADDRESS or 'local' starts a local "
-                        "Ray, 'auto' joins the cluster started with `ray start`")
-    p.add_argument("--ray-workers", type=int, default=2, metavar="N",
-                   help="Ray workers scoring in parallel (default %(default)s)")
+    add_ray_arguments(p, "score")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from .._state import persistable
 from .._numeric import (
     l2_normalize,
     logsumexp,
+    remember,
     shrunk_covariance_inverse,
     single_threaded_blas,
     softmax,
@@ -1386,10 +1387,7 @@ class Relation(Detector):
         pows = [pow_] + [p for p in dict.fromkeys(getattr(self, "_planned_pows_", ())) if p != pow_]
         sums = self._relation_sums(x, pows)
         if cache is not None:
-            cache.pop(key, None)
-            cache[key] = sums
-            while len(cache) > self._CACHE_ENTRIES:
-                cache.pop(next(iter(cache)))
+            remember(cache, key, sums, self._CACHE_ENTRIES)
         return sums[pow_].copy()
 
     def _relation_sums(self, x: Features, pows: list[float]) -> dict[float, np.ndarray]:

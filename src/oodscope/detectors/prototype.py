@@ -8,12 +8,13 @@ persist as plain arrays; distances are squared Euclidean from float64 GEMMs in r
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._numeric import l2_normalize, log_softmax
+from .._numeric import l2_normalize, log_softmax, remember
 from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int
@@ -177,6 +178,8 @@ class CFOOD(Detector):
                                                     "rho": [0.001, 0.005, 0.01, 0.05]}
     score_params = frozenset({"rho"})
     min_fit_samples = 3
+    transient_state = frozenset({"_cfof_cache_", "_planned_rhos_"})
+    _CACHE_ENTRIES = 4
     reference = (
         "Angiulli, Fassetti & Zupi, CF-OOD: Concentration-Free Density Estimation for Reliable "
         "Out-of-Distribution Detection (2026); CFOF: Angiulli, ACM TKDD 14(1), 2020"
@@ -218,29 +221,51 @@ class CFOOD(Detector):
         self.reference_sq_ = ref_sq
         self.grid_ = grid
         self.neighbour_distances_ = table
+        # shared by shallow copies (the tuner's score-time candidates); emptied by a refit
+        self._cfof_cache_: dict[Any, dict[int, np.ndarray]] = {}
+        self._planned_rhos_: list[float] = []
+
+    def plan_score_params(self, values: dict[str, list[Any]]) -> None:
+        """Announce the ``rho`` values about to be scored (the tuner calls this): the first
+        score of a query set then computes the CFOF for all of them in one pass."""
+        self._planned_rhos_[:] = [float(r) for r in values.get("rho", ())
+                                  if isinstance(r, (int, float)) and 0 < r <= 1]
+
+    def _need(self, rho: float) -> int:
+        return max(1, math.ceil(float(rho) * len(self.neighbour_distances_) - 1e-9))
 
     def cfof(self, x: Features) -> np.ndarray:
-        """CFOF values ``κ(x)`` in (0, 1]."""
+        """CFOF values ``κ(x)`` in (0, 1]. Computed for every planned ``rho`` at once and
+        kept for the last few query sets (keyed by their bytes), so tuning over ``rho``
+        costs one pass per validation split."""
         check_fraction(self, "rho", self.rho)
+        need = self._need(self.rho)
+        feats = np.ascontiguousarray(x.features)
+        key = (feats.shape, str(feats.dtype), hashlib.blake2b(feats.data, digest_size=16).hexdigest())
+        cache = self.__dict__.get("_cfof_cache_")
+        if cache is not None and key in cache and need in cache[key]:
+            return cache[key][need].copy()
+        needs = list(dict.fromkeys([need, *(self._need(r) for r in getattr(self, "_planned_rhos_", ()))]))
+        out = self._cfof(feats, needs)
+        if cache is not None:
+            remember(cache, key, out, self._CACHE_ENTRIES)
+        return out[need].copy()
+
+    def _cfof(self, feats: np.ndarray, needs: list[int]) -> dict[int, np.ndarray]:
         table = self.neighbour_distances_
         n, k = table.shape
-        need = max(1, math.ceil(float(self.rho) * n - 1e-9))
-        out = np.empty(len(x))
-        for rows in _blocks(len(x), n):
-            q = l2_normalize(np.asarray(x.features[rows], dtype=np.float64), axis=1)
-            d = _sq_dists(q, self.reference_, self.reference_sq_)
-            # first grid index whose neighbour distance reaches d (k = never): binary search
-            lo = np.zeros(d.shape, dtype=np.int32)
-            hi = np.full(d.shape, k, dtype=np.int32)
-            cols = np.broadcast_to(np.arange(n), d.shape)
-            while np.any(lo < hi):
-                mid = (lo + hi) // 2
-                below = table[cols, np.minimum(mid, k - 1)] < d
-                below &= mid < hi
-                lo = np.where(below, mid + 1, lo)
-                hi = np.where(below, hi, mid)
-            first = np.partition(lo, need - 1, axis=1)[:, need - 1]
-            out[rows] = np.where(first < k, self.grid_[np.minimum(first, k - 1)], 1.0)
+        out = {need: np.empty(len(feats)) for need in needs}
+        for rows in _blocks(len(feats), n):
+            q = l2_normalize(np.asarray(feats[rows], dtype=np.float64), axis=1)
+            d = np.ascontiguousarray(_sq_dists(q, self.reference_, self.reference_sq_).T)  # (n, rows)
+            # first grid index whose neighbour distance reaches d (k = never): each
+            # reference point's row of the table is ascending, so a binary search per row
+            first_all = np.empty(d.shape, dtype=np.int32)
+            for j in range(n):
+                first_all[j] = np.searchsorted(table[j], d[j], side="left")
+            for need in needs:
+                first = np.partition(first_all, need - 1, axis=0)[need - 1]
+                out[need][rows] = np.where(first < k, self.grid_[np.minimum(first, k - 1)], 1.0)
         return out
 
     def _score(self, x: Features) -> np.ndarray:
