@@ -178,6 +178,17 @@ def test_skips_with_reason_and_keeps_running(fs):
     assert set(df[df.status == "ok"].detector) == {"msp"}
 
 
+def test_default_selection_leaves_out_network_training_detectors(fs):
+    from oodscope.bench.runner import select_detectors
+
+    chosen, skipped = select_detectors(None, fs)
+    names = {n for n, _ in chosen}
+    assert "mol" not in names and "not run by default" in skipped["mol"]
+    assert {"msp", "knn", "mahalanobis"} <= names
+    chosen, _ = select_detectors("msp,mol", fs)  # named: it runs
+    assert [n for n, _ in chosen] == ["msp", "mol"]
+
+
 def test_unknown_ood_and_detector_names(fs):
     with pytest.raises(ValueError, match="far-noise"):
         run(fs, ["msp"], ood=["svhn"], progress=False)

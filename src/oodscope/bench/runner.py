@@ -81,14 +81,21 @@ def select_detectors(
     """Instantiate the detectors to run; return ``([(name, detector)], {name: skip reason})``.
 
     ``detectors`` is a list of names and/or Detector instances, ``"all"``, or ``None``
-    (the benchmark default, else every registered detector the Features can feed).
+    (the benchmark default, else every registered detector the Features can feed, except
+    those whose `Detector.not_by_default` gives a reason, which is reported as their skip).
     """
     avail = fs.fields()
     skipped: dict[str, str] = {}
     if detectors is None:
-        # Detectors that re-run the network (ODIN, i-ODIN, ...) are slow; they run when
-        # named or with "all", never by default.
-        detectors = list(default) if default else list_detectors(requires=avail - {"model"})
+        # Detectors that re-run the network (ODIN, i-ODIN, ...) or train one (MOL, DisCoPatch)
+        # are slow; they run when named or with "all", never by default.
+        if default:
+            detectors = list(default)
+        else:
+            detectors = list_detectors(requires=avail - {"model"})
+            skipped.update({n: f"not run by default: {get_detector_class(n).not_by_default}"
+                            for n in detectors if get_detector_class(n).not_by_default})
+            detectors = [n for n in detectors if n not in skipped]
     elif isinstance(detectors, str):
         detectors = list_detectors() if detectors.lower() == "all" else [
             d.strip() for d in detectors.split(",") if d.strip()]

@@ -158,6 +158,10 @@ class Detector:
     #: For a ``stateful`` detector: how the scores of a batch relate to scoring its rows
     #: (shown by ``oodscope list``). Stateless detectors score every sample on its own.
     stream_note: ClassVar[str] = ""
+    #: Why a benchmark leaves this detector out unless it is named (or ``"all"``): set on
+    #: detectors whose ``fit`` trains a network for minutes (MOL, DisCoPatch); empty = runs
+    #: by default wherever its inputs are available.
+    not_by_default: ClassVar[str] = ""
     #: Fitted attributes that are caches, rebuilt on demand: `get_state` leaves them out.
     transient_state: ClassVar[frozenset[str]] = frozenset()
     _aliases: ClassVar[tuple[str, ...]] = ()

@@ -168,6 +168,7 @@ class DisCoPatch(Detector):
     own patches, normalised with that image's patch statistics. See the module docstring."""
 
     requires = frozenset({"inputs"})
+    not_by_default = "trains a VAE and a patch discriminator (minutes); name it to run it"
     fit_fields = frozenset({"inputs"})
     reference = ("Caetano et al., DisCoPatch: Taming Adversarially-driven Batch Statistics for "
                  "Improved Out-of-Distribution Detection, arXiv 2501.08005 (2025); code caetas/DisCoPatch")

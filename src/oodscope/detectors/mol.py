@@ -57,6 +57,8 @@ class MOL(Detector):
     """
 
     requires = frozenset({"features"})
+    not_by_default = ("meta-trains a head with second-order MAML (minutes per tuning candidate); "
+                      "name it, or run the fashion-mnist-c-stream benchmark it is made for")
     fit_fields = frozenset({"features", "labels"})
     search_space = {"adapt_steps": [1, 5, 10], "inner_lr": [0.01, 0.1]}
     reference = ("Wu, Lu, Fang & Zhang, Meta OOD Learning for Continuously Adaptive OOD Detection, ICCV 2023 "
