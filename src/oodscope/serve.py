@@ -38,6 +38,8 @@ from .guard import Guard
 
 __all__ = ["create_app", "serve", "DEFAULT_MAX_ROWS", "DEFAULT_MAX_BODY_BYTES"]
 
+#: requests with at most this many rows are scored on the event loop (a thread hop costs more)
+INLINE_ROWS = 16
 DEFAULT_MAX_ROWS = 100_000
 DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 _NPY_TYPES = ("application/x-npy", "application/octet-stream", "application/npy")
@@ -71,6 +73,8 @@ class _Scorer:
         self.fields = info["fields"]
         self.widths = info["widths"]
         self.lock = threading.Lock()
+        # rows that re-run a network take too long for the event loop
+        self.inline_rows = 0 if "model" in type(guard.detector).all_requirements() else INLINE_ROWS
 
     def features_from_json(self, body: bytes):
         try:
@@ -158,11 +162,23 @@ class _Scorer:
 
     def score(self, features) -> dict[str, Any]:
         with self.lock:
-            try:
-                out = self.guard.decide(features)
-            except ValueError as exc:
-                raise InputError(422, str(exc)) from None
-            status = self.monitor.update(out["accept"]) if self.monitor is not None else None
+            return self._score_locked(features)
+
+    def score_now(self, features) -> dict[str, Any] | None:
+        """Score on the calling thread if no other request holds the detector, else None."""
+        if not self.lock.acquire(blocking=False):
+            return None
+        try:
+            return self._score_locked(features)
+        finally:
+            self.lock.release()
+
+    def _score_locked(self, features) -> dict[str, Any]:
+        try:
+            out = self.guard.decide(features)
+        except ValueError as exc:
+            raise InputError(422, str(exc)) from None
+        status = self.monitor.update(out["accept"]) if self.monitor is not None else None
         reply = {"n": int(len(out["scores"])), "threshold": self.guard.threshold_,
                  "scores": out["scores"].tolist(), "accept": out["accept"].tolist(),
                  "p_values": out["p_values"].tolist()}
@@ -206,9 +222,8 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
             pass
         return error(status, detail)
 
-    @app.middleware("http")
     async def check_key(request: Request, call_next):
-        if key is not None and request.url.path != "/health":
+        if request.url.path != "/health":
             given = request.headers.get("x-api-key")
             auth = request.headers.get("authorization", "")
             if given is None and auth.lower().startswith("bearer "):
@@ -217,6 +232,9 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
                 return await refuse(request, 401, "missing or wrong API key (send it as "
                                                   "X-API-Key or Authorization: Bearer)")
         return await call_next(request)
+
+    if key is not None:  # an HTTP middleware costs every request time: only with a key
+        app.middleware("http")(check_key)
 
     @app.get("/health")
     async def health():
@@ -255,7 +273,10 @@ def create_app(guard: Guard, *, api_key: str | None = None, max_rows: int = DEFA
             else:
                 return error(415, f"unsupported content type {ctype!r}; send application/json or "
                                   "application/x-npy")
-            return await run_in_threadpool(scorer.score, feats)
+            # a few rows are scored on the event loop when the detector is free (a thread hop
+            # costs more than the work); anything else, or a busy detector, goes to a thread
+            reply = scorer.score_now(feats) if len(feats) <= scorer.inline_rows else None
+            return reply if reply is not None else await run_in_threadpool(scorer.score, feats)
         except InputError as exc:
             return error(exc.status, exc.detail)
 
