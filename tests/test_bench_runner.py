@@ -396,3 +396,16 @@ def test_relation_cache_is_keyed_by_queries_and_cleared_by_refit():
     for _ in range(6):  # bounded: old query sets are evicted
         det.score(vi[: 10 + _])
     assert len(det._score_cache_) <= Relation._CACHE_ENTRIES
+
+
+def test_a_network_that_gets_nothing_right_still_gets_a_report(fs, tmp_path):
+    """Relative robustness is undefined at 0% clean accuracy: reported as missing, no crash."""
+    wrong = lambda f: f.replace(labels=(np.argmax(f.logits, 1) + 1) % f.logits.shape[1])  # noqa: E731
+    bad = FeatureSet(train=fs.train, val_id=fs.val_id, val_ood=fs.val_ood, test_id=wrong(fs.test_id),
+                     far_ood=fs.far_ood, covariate={k: wrong(v) for k, v in fs.covariate.items()},
+                     info=dict(fs.info))
+    res = run(bad, ["msp"], ci=False, progress=False)
+    gen = res.info["generalization"]
+    assert gen["clean_accuracy"] == 0.0 and np.isnan(gen["relative_robustness"])
+    paths = res.write(tmp_path)  # the HTML report included
+    assert json.loads(paths["json"].read_text())["info"]["generalization"]["relative_robustness"] is None

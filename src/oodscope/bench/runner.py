@@ -321,7 +321,12 @@ def _run_info(fs: FeatureSet, ood_sets: dict[str, Features], covariate: dict[str
         if info["id_accuracy"] is not None:
             acc = shift_accuracies(fs.test_id, {k: fs.covariate[k] for k, v in cov_acc.items()
                                                 if v is not None})
-            info.setdefault("generalization", {"accuracy": acc, **shift_summary(acc)})
+            # relative robustness is undefined for a network that gets nothing right
+            summary = shift_summary(acc) if acc.get("clean", 0) > 0 else {
+                "clean_accuracy": acc.get("clean", 0.0),
+                "mean_shift_accuracy": float(np.mean([v for k, v in acc.items() if k != "clean"])),
+                "relative_robustness": float("nan")}
+            info.setdefault("generalization", {"accuracy": acc, **summary})
     info["splits"] = {
         "train": len(fs.train), "val_id": len(fs.val_id), "val_ood": len(fs.val_ood),
         "test_id": len(fs.test_id), **{k: len(f) for k, f in ood_sets.items()},
