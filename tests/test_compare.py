@@ -31,7 +31,7 @@ def split_data():
     return split_datasets(0, seed=0, val_size=200, subset=80, train_size=96)
 
 
-@pytest.mark.requires_data("fashion-mnist")
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_splits_hold_out_four_classes_and_stay_disjoint(split_data):
     assert len(SPLITS) >= 3 and all(len(s) == 4 for s in SPLITS)
     assert len({tuple(sorted(s)) for s in SPLITS}) == len(SPLITS)
@@ -45,7 +45,7 @@ def test_splits_hold_out_four_classes_and_stay_disjoint(split_data):
         split_datasets(len(SPLITS))
 
 
-@pytest.mark.requires_data("fashion-mnist")
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_near_ood_images_are_the_held_out_classes_only():
     from oodscope import data as D
 
@@ -139,7 +139,7 @@ def test_comparison_rejects_bad_requests(tmp_path):
         compare_training("cifar10", "ce", budget=TrainBudget(epochs=1, train_size=32))
 
 
-@pytest.mark.requires_data("fashion-mnist")
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_fit_rejects_outliers_of_the_wrong_shape_before_the_first_step(split_data):
     from oodscope.data.dataset import ImageDataset
 
@@ -155,7 +155,7 @@ def test_fit_rejects_outliers_of_the_wrong_shape_before_the_first_step(split_dat
     assert not steps
 
 
-@pytest.mark.requires_data("fashion-mnist")
+@pytest.mark.requires_data("fashion-mnist", "mnist:test")
 def test_split_datasets_uses_held_out_indices_as_id_val():
     d = split_datasets(0, seed=0, val_indices=np.arange(0, 600, 2), subset=None, train_size=None)
     from oodscope import data as D

@@ -19,12 +19,20 @@ from oodscope.data import registry
 
 #: where the real data is looked up, fixed when the module is imported (tests change the env)
 REAL_DATA = os.environ.get("OODSCOPE_DATA", "")
+# where the real files may be besides OODSCOPE_DATA (the `isolated` fixture hides both)
+REAL_CACHE = os.environ.get("OODSCOPE_CACHE")
+REAL_SYSTEM_DIRS = registry.SYSTEM_DATA_DIRS
 
 
 def real_dir(name: str, split: str) -> Path:
     """The folder holding the real ``name`` files (for tests that copy and damage them)."""
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("OODSCOPE_DATA", REAL_DATA)
+        if REAL_CACHE is None:
+            mp.delenv("OODSCOPE_CACHE", raising=False)
+        else:
+            mp.setenv("OODSCOPE_CACHE", REAL_CACHE)
+        mp.setattr(registry, "SYSTEM_DATA_DIRS", REAL_SYSTEM_DIRS)
         return registry.find(name, split, download=False)
 
 
