@@ -1,7 +1,7 @@
 """HVCM vs cross-entropy on the Fashion-MNIST class split, both scored with ``gmm``.
 
 Trains the small CNN twice per seed under the training comparison's budget
-(`oodscope.train.compare.TrainBudget`: 3 epochs on 6,000 ID images of fashion-mnist-split0),
+(`oodscope.bench.compare.TrainBudget`: 3 epochs on 6,000 ID images of fashion-mnist-split0),
 once with cross-entropy and once with the HVCM objective (CE + attribute / mixture-weight
 heads and the class-centre KL loss, K = 32 components, D = 1024), then scores:
 
@@ -58,7 +58,7 @@ def main() -> None:
     import torch
 
     from oodscope.bench.classsplit import TEST_OOD_SOURCES, split_datasets
-    from oodscope.train.compare import TrainBudget, train_method
+    from oodscope.bench.compare import TrainBudget, train_method
 
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     budget = TrainBudget(epochs=args.epochs, train_size=args.train_size)

@@ -3,7 +3,7 @@
 Fashion-MNIST: the reference CNN's penultimate features and logits (see
 literature_features.py); ID = Fashion-MNIST test, OOD = MNIST test, covariate shift =
 Fashion-MNIST-C severity 3. CLINC150: frozen packaged all-MiniLM-L6-v2 embeddings + the
-benchmark's linear head (`oodscope.text.benchmark.clinc150_provider(finetune="none")`);
+benchmark's linear head (the `clinc150` benchmark's builder with `finetune="none"`);
 ID = in-scope test, OOD = oos_test. As in the paper, SDM's support set is the training split
 and it calibrates on held-out ID data (Fashion-MNIST: the 5,000 validation images the CNN
 never trained on; CLINC150: the in-scope val split); ``--calibration split`` instead halves
@@ -86,9 +86,11 @@ def fashion_mnist(held_out=True, **sdm_params):
 
 
 def clinc(held_out=True, cache_dir=None, **sdm_params):
-    from oodscope.text.benchmark import clinc150_provider
+    from oodscope.bench.catalog import get_benchmark
+    from oodscope.bench.spec import ProviderOptions
 
-    fs = clinc150_provider(finetune="none", cache_dir=cache_dir)
+    spec = get_benchmark("clinc150")
+    fs = spec.builder()(spec, ProviderOptions(finetune="none", cache_dir=cache_dir))
     return evaluate("clinc150", fs.train, fs.val_id if held_out else None, fs.test_id,
                     {"oos_test": fs.near_ood["clinc150_oos"]}, **sdm_params)
 

@@ -2,7 +2,7 @@
 
 Protocol (all numbers come from this run; nothing is hard-coded):
 
-1. "pre-trained" θ0: the reference `SmallCNN` (`oodscope.models.reference_model`, trained
+1. "pre-trained" θ0: the reference `SmallCNN` (`oodscope.train.reference_model`, trained
    and cached on first use: 5 epochs on the Fashion-MNIST training split minus its 5,000
    held-out images).
 2. fine-tuned θ1: θ0 trained further on the same images (``--finetune-epochs``, Adam at
@@ -83,7 +83,7 @@ def main(argv=None) -> int:
 
     from oodscope import data as D
     from oodscope.generalization import synthetic_shift_sets
-    from oodscope.models.reference import holdout_split, reference_model
+    from oodscope.train.reference import holdout_split, reference_model
     from oodscope.train.weight_ensembles import average_weights, finetune_and_ensemble
 
     torch.set_num_threads(args.threads)
