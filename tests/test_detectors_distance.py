@@ -355,6 +355,40 @@ def test_relation_matches_brute_force():
     np.testing.assert_allclose(det.score(test), expected, rtol=1e-4)
 
 
+def test_relation_skips_only_bank_blocks_below_the_threshold(monkeypatch):
+    """A confident 8-class network: the pruned sum equals the brute-force sum, and most
+    (query, bank block) pairs are never computed."""
+    rng = np.random.default_rng(21)
+    c, n = 8, 6000
+    y = rng.integers(0, c, n)
+    feats = rng.standard_normal((n, 16)) + 4.0 * np.eye(c, 16)[y]
+    logits = 12.0 * np.eye(c)[y] + rng.standard_normal((n, c))
+    logits[:50] = rng.standard_normal((50, c))  # a few unsure rows: blocks that stay active
+    train = Features(features=feats.astype(np.float32), logits=logits.astype(np.float32))
+    yq = rng.integers(0, c, 300)
+    q_logits = 12.0 * np.eye(c)[yq] + rng.standard_normal((300, c))
+    test = Features(features=(rng.standard_normal((300, 16)) + 4.0 * np.eye(c, 16)[yq]).astype(np.float32),
+                    logits=q_logits.astype(np.float32))
+    det = ood.create("relation", pow=2).fit(train)
+
+    import oodscope.detectors.distance as distance
+
+    pairs = []
+    power = distance._power
+    monkeypatch.setattr(distance, "_power", lambda a, p: pairs.append(a.size) or power(a, p))
+    got = det.score(test)
+    a = l2_normalize(train.features.astype(np.float64), axis=1)
+    pa = softmax(train.logits.astype(np.float64), 1)
+    q = l2_normalize(test.features.astype(np.float64), axis=1)
+    pq = softmax(test.logits.astype(np.float64), 1)
+    rel = np.maximum(q @ a.T, 0) * (pq @ pa.T)
+    expected = np.sum(np.where(rel > 0.03, rel, 0) ** 2, axis=1)
+    np.testing.assert_allclose(got, expected, rtol=1e-4)
+    # the 8 blocks holding the unsure rows relate to every query (8 x ~230 x 300 pairs);
+    # without pruning all 6000 x 300 pairs are computed
+    assert 0 < sum(pairs) < 0.4 * n * len(test)
+
+
 def test_parameter_validation():
     train, _ = _tiny()
     for name, bad in [

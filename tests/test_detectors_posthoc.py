@@ -176,6 +176,44 @@ def test_cfood_shares_one_pass_across_planned_rho_values():
     assert len(det._cfof_cache_) == 1 and len(next(iter(det._cfof_cache_.values()))) == 3
 
 
+def test_cfood_fractions_that_reach_max_reference_share_one_fit_in_tuning():
+    from oodscope.bench.tuning import tune
+
+    rng = np.random.default_rng(5)
+    train = Features(features=rng.standard_normal((400, 4)))
+    val_id = Features(features=rng.standard_normal((40, 4)))
+    val_ood = Features(features=2.0 + rng.standard_normal((40, 4)))
+    space = {"reference_fraction": [0.1, 0.5, 1.0], "rho": [0.05, 0.2]}
+    det = ood.create("cfood", max_reference=150)
+    # 0.5 and 1.0 of 400 rows are both capped at 150; 0.1 is 40 rows
+    assert det.equivalent_fit_params({"reference_fraction": 0.5}, 400) == \
+        det.equivalent_fit_params({"reference_fraction": 1.0}, 400)
+    assert det.equivalent_fit_params({"reference_fraction": 0.1}, 400) != \
+        det.equivalent_fit_params({"reference_fraction": 0.5}, 400)
+    result = tune(det, train, val_id, val_ood, space)
+    assert result.n_fits == 2
+    for row in result.candidates:
+        alone = ood.create("cfood", max_reference=150, **row["params"]).fit(train)
+        s_id, s_ood = alone.score(val_id), alone.score(val_ood)
+        assert row["val_auroc"] == ood.metrics.auroc(s_id, s_ood)
+
+
+def test_grood_shares_one_search_across_planned_k_values():
+    rng = np.random.default_rng(6)
+    y = rng.integers(0, 3, 300)
+    feats = rng.standard_normal((300, 6)) + 3.0 * np.eye(3, 6)[y]
+    train = Features(features=feats, logits=feats[:, :3], labels=y)
+    q_feats = rng.standard_normal((50, 6)) * 2.0
+    queries = Features(features=q_feats, logits=q_feats[:, :3])
+    det = ood.create("grood").fit(train)
+    det.plan_score_params({"k": [1, 10, 50]})
+    for k in (50, 1, 10):
+        det.k = k
+        alone = ood.create("grood", k=k).fit(train)
+        np.testing.assert_array_equal(det.score(queries), alone.score(queries))
+    assert len(det._knn_cache_) == 1 and sorted(next(iter(det._knn_cache_.values()))) == [1, 10, 50]
+
+
 # ------------------------------------------------------------------ WEBO
 def test_webo_by_hand():
     logits = np.array([[0.0, np.log(2.0), 5.0]])

@@ -3,6 +3,8 @@ rescaler gradient, the threshold search, the admit decision and bad inputs."""
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -121,21 +123,46 @@ def test_threshold_search_picks_the_lowest_bin_where_every_class_reaches_alpha()
     y = np.r_[np.zeros(20, int), np.ones(20, int)]
     soft = np.tile(np.r_[1.0, 1.5, np.full(18, 3.0)], 2)
     p_true = np.tile(np.r_[0.2, 0.3, np.full(18, 0.97)], 2)
-    p_hat = np.where(y[:, None] == np.arange(2), p_true[:, None], 1 - p_true[:, None])
-    thr, b, found = det._thresholds(p_hat, soft, y, np.zeros(40, bool))
+
+    def search(p_true, ood=None):
+        det.calibration_p_true_, det.calibration_qbin_ = p_true, soft
+        det.calibration_labels_ = y
+        det.calibration_ood_ = np.zeros(40, bool) if ood is None else ood
+        return det._thresholds(0.75)
+
+    thr, b, found = search(p_true)
     # bin 1.0: the 25% quantile of [0.2, 0.3, 0.97 x18] is index 5 -> 0.97 >= 0.75 already
     assert found and b == 1.0 and np.all(thr == 0.97)
     p_true[[2, 3, 4, 5, 22, 23, 24, 25]] = 0.5  # four more bad points per class, at soft = 3.0
-    p_hat = np.where(y[:, None] == np.arange(2), p_true[:, None], 1 - p_true[:, None])
-    thr, b, found = det._thresholds(p_hat, soft, y, np.zeros(40, bool))
+    thr, b, found = search(p_true)
     # bin 1.0: index 5 of 20 -> 0.5; bin 1.5: index 4 of 19 -> 0.5; bin 3.0: index 4 of
     # [0.5 x4, 0.97 x14] -> 0.97: the lowest bin that works is 3.0
     assert found and b == 3.0 and np.all(thr == 0.97)
-    thr, b, found = det._thresholds(np.full((40, 2), 0.5), soft, y, np.zeros(40, bool))
+    thr, b, found = search(np.full(40, 0.5))
     assert not found and b == np.inf and np.all(thr == 0)
     # OOD-flagged calibration points are left out of the search
-    thr, b, found = det._thresholds(p_hat, soft, y, soft < 3.0)
+    thr, b, found = search(p_true, soft < 3.0)
     assert found and b == 3.0
+
+
+def test_alpha_candidates_share_one_fit_and_match_fresh_fits():
+    """alpha is a score-time parameter: a fitted SDM with alpha changed scores, thresholds
+    and admits exactly as one fitted with that alpha."""
+    train, test = _noisy_problem(seed=3, n=900)[:2]
+    shared = SDM(alpha=0.95).fit(train)
+    shared.plan_score_params({"alpha": [0.99, 0.95, 0.9]})
+    for alpha in (0.99, 0.95, 0.9):
+        view = copy.copy(shared)
+        view.alpha = alpha
+        fresh = SDM(alpha=alpha).fit(train)
+        assert np.array_equal(view.score(test), fresh.score(test))
+        assert np.array_equal(view.thresholds_, fresh.thresholds_)
+        assert view.min_qbin_ == fresh.min_qbin_
+        assert np.array_equal(view.predict(test).admitted, fresh.predict(test).admitted)
+    # different alphas widen differently, so the shared state really changed per copy
+    low, high = copy.copy(shared), copy.copy(shared)
+    low.alpha, high.alpha = 0.9, 0.99
+    assert not np.array_equal(low.score(test), high.score(test))
 
 
 def _noisy_problem(seed=0, n=1500, c=4, d=8, overlap=1.8):

@@ -8,6 +8,7 @@ import numpy as np
 from scipy.special import logsumexp as _logsumexp
 
 __all__ = [
+    "array_key",
     "remember",
     "softmax",
     "log_softmax",
@@ -101,6 +102,18 @@ def shrunk_covariance_inverse(cov: np.ndarray, shrinkage: float = 1e-3) -> np.nd
     reg = (1.0 - shrinkage) * cov + shrinkage * scale * np.eye(d)
     with single_threaded_blas():
         return np.linalg.pinv(reg, hermitian=True)
+
+
+def array_key(*arrays: np.ndarray) -> tuple:
+    """A hashable key for the contents of arrays (shape, dtype and a 128-bit digest of the
+    bytes of each): how the per-query-set caches of tuned detectors recognise a query set."""
+    import hashlib
+
+    parts = []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        parts.append((a.shape, a.dtype.str, hashlib.blake2b(a.data, digest_size=16).hexdigest()))
+    return tuple(parts)
 
 
 def remember(cache: dict, key: object, value: object, limit: int) -> None:

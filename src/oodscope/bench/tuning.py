@@ -11,7 +11,10 @@ that differ only in those reuse one fitted state (a shallow copy with the score-
 set, so caches the fitted detector keeps are shared). A detector with a
 ``plan_score_params(values)`` method is told, right after such a fit, every score-time value
 that will reuse it (Relation then sums its relation matrix for all ``pow`` values in one
-pass); results are the same as scoring each candidate from a fresh fit.
+pass); results are the same as scoring each candidate from a fresh fit. Candidates whose
+fit-time values learn the same state on this training set (the detector's
+``equivalent_fit_params``, e.g. CF-OOD reference fractions capped at the same number of
+rows) share one fit too.
 """
 
 from __future__ import annotations
@@ -133,6 +136,8 @@ def tune(
             grid = _stable_desc(grid, name)
         grid = sorted(grid, key=lambda p: _fit_key(p, score_only))
 
+    n_train = None if train is None else len(train)
+    fit_keys = [_fit_key(detector.equivalent_fit_params(dict(p), n_train), score_only) for p in grid]
     fitted: dict[str, Detector] = {}
     rows: list[dict[str, Any]] = []
     best_row: dict[str, Any] | None = None
@@ -141,8 +146,7 @@ def tune(
     n_fits = 0
     defaults = type(detector)._defaults()
     first_error: Exception | None = None
-    for params in grid:
-        key = _fit_key(params, score_only)
+    for params, key in zip(grid, fit_keys):
         t0 = time.perf_counter()
         try:
             if key in fitted:
@@ -159,7 +163,7 @@ def tune(
                     # every score-time value that will reuse this fit, so the detector can
                     # compute them together on the first scoring
                     det.plan_score_params({
-                        n: [c[n] for c in grid if n in c and _fit_key(c, score_only) == key]
+                        n: [c[n] for c, ck in zip(grid, fit_keys) if n in c and ck == key]
                         for n in score_only})
             t1 = time.perf_counter()
             s_id, s_ood = score_pair(det, val_id, val_ood, seed)

@@ -298,6 +298,13 @@ class Detector:
         entry that will be scored on this fitted state, so a detector can compute them in
         one pass. Default: nothing to plan."""
 
+    def equivalent_fit_params(self, params: dict[str, Any], n_train: int | None) -> dict[str, Any]:
+        """``params`` (a tuning candidate) with fit-time values that learn the same state on
+        ``n_train`` training samples written the same way, so the tuner fits once for all of
+        them (e.g. CF-OOD's reference fractions that all reach ``max_reference`` rows).
+        Default: unchanged."""
+        return params
+
     def fit_summary(self) -> dict[str, Any]:
         """What the fit chose beyond the hyperparameters, for reports (e.g. the search index
         of a neighbour detector and its measured recall@k). Default: nothing."""

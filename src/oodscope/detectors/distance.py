@@ -18,6 +18,7 @@ import numpy as np
 from .._params import store_params
 from .._state import persistable
 from .._numeric import (
+    array_key,
     l2_normalize,
     logsumexp,
     remember,
@@ -1353,10 +1354,28 @@ class Relation(Detector):
     def _fit(self, train: Features) -> None:
         idx = _subsample_indices(len(train), self.subsample, self.seed)
         sub = train if idx is None else train[idx]
-        self.bank_features_ = _normalized32(sub.features)
-        self.bank_probs_ = map_chunks(lambda sl: softmax(sub.logits[sl], axis=1), len(sub)).astype(
-            np.float32
-        )
+        feats = _normalized32(sub.features)
+        probs = map_chunks(lambda sl: softmax(sub.logits[sl], axis=1), len(sub)).astype(np.float32)
+        # Bank rows grouped by predicted class, most confident first, in blocks: a block
+        # whose rows put little probability off their class c cannot relate to a query that
+        # puts little on c (see _relation_sums). The sum over the bank does not depend on
+        # its order.
+        pred = probs.argmax(axis=1)
+        off_mass = probs.astype(np.float64).sum(axis=1) - probs[np.arange(len(probs)), pred]
+        order = np.lexsort((off_mass, pred))
+        self.bank_features_ = feats[order]
+        self.bank_probs_ = probs[order]
+        starts, classes, bounds = [], [], []
+        for c in np.unique(pred):
+            rows = np.flatnonzero(pred[order] == c)
+            for start in range(rows[0], rows[-1] + 1, _RELATION_BLOCK):
+                stop = min(start + _RELATION_BLOCK, rows[-1] + 1)
+                starts.append(start)
+                classes.append(c)
+                bounds.append(off_mass[order[start:stop]].max())
+        self.block_starts_ = np.asarray(starts + [len(order)], dtype=np.int64)
+        self.block_classes_ = np.asarray(classes, dtype=np.int64)
+        self.block_off_mass_ = np.asarray(bounds, dtype=np.float64)
         # Shared by shallow copies (the tuner's score-time candidates); emptied by a refit.
         self._score_cache_: dict[Any, dict[float, np.ndarray]] = {}
         self._planned_pows_: list[float] = []
@@ -1375,12 +1394,7 @@ class Relation(Detector):
         pow_ = float(self.pow)
         feats = np.ascontiguousarray(x.features)
         logits = np.ascontiguousarray(x.logits)
-        key = (
-            feats.shape,
-            float(self.threshold),
-            hashlib.blake2b(feats.data, digest_size=16).hexdigest(),
-            hashlib.blake2b(logits.data, digest_size=16).hexdigest(),
-        )
+        key = (float(self.threshold), array_key(feats, logits))
         cache = self.__dict__.get("_score_cache_")
         if cache is not None and key in cache and pow_ in cache[key]:
             return cache[key][pow_].copy()
@@ -1391,23 +1405,50 @@ class Relation(Detector):
         return sums[pow_].copy()
 
     def _relation_sums(self, x: Features, pows: list[float]) -> dict[float, np.ndarray]:
-        n_bank = len(self.bank_features_)
-        rows = max(1, (1 << 24) // max(n_bank, 1))
-        out = {p: np.empty(len(x)) for p in pows}
-        for sl in iter_chunks(len(x), rows):
+        """``Σ_j r_j^pow`` per query for every ``pow``, block by block of the bank.
+
+        A block is skipped for the queries it cannot reach: for bank rows of predicted class
+        ``c`` whose probability off ``c`` is at most ``u`` (the block's largest), ``⟨p, p_j⟩
+        ≤ p_c + u·max_{k≠c} p_k``, and with ``cos ≤ 1`` that bounds ``r_j``; below the
+        threshold (with a margin for float32 round-off) every edge of the block is dropped
+        anyway. A confident network thus scores each query against little more than the
+        bank rows of its own class."""
+        out = {p: np.zeros(len(x)) for p in pows}
+        starts = self.block_starts_
+        classes, off_mass = self.block_classes_, self.block_off_mass_
+        threshold = float(self.threshold)
+        last = len(pows) - 1
+        for sl in iter_chunks(len(x), _RELATION_QUERY_ROWS):
             z = _normalized32(x.features[sl])
             p = softmax(x.logits[sl], axis=1).astype(np.float32)
-            rel = z @ self.bank_features_.T
-            np.maximum(rel, 0.0, out=rel)
-            rel *= p @ self.bank_probs_.T
-            rel *= rel > self.threshold
-            last = len(pows) - 1
-            for i, q in enumerate(pows):
-                # _power works in place for non-integer exponents: keep rel for the others
-                in_place = not (float(q).is_integer() and 1 <= q <= 64)
-                base = rel.copy() if in_place and i != last else rel
-                out[q][sl] = _power(base, q).sum(1, dtype=np.float64)
+            p64 = p.astype(np.float64)
+            top2 = np.sort(p64, axis=1)[:, -2:] if p.shape[1] > 1 else np.c_[p64, p64]
+            top_class = p64.argmax(axis=1)
+            for b, c in enumerate(classes):
+                other = np.where(top_class == c, top2[:, 0], top2[:, 1])  # max off class c
+                bound = p64[:, c] + other * off_mass[b]
+                active = np.flatnonzero(bound * (1.0 + 1e-4) + 1e-12 >= threshold)
+                if active.size == 0:
+                    continue
+                bank = slice(starts[b], starts[b + 1])
+                everyone = active.size == len(p)
+                za, pa = (z, p) if everyone else (z[active], p[active])
+                rel = za @ self.bank_features_[bank].T
+                np.maximum(rel, 0.0, out=rel)
+                rel *= pa @ self.bank_probs_[bank].T
+                rel *= rel > threshold
+                rows = np.arange(sl.start, sl.stop)[active]
+                for i, q in enumerate(pows):
+                    # _power works in place for non-integer exponents: keep rel for the others
+                    in_place = not (float(q).is_integer() and 1 <= q <= 64)
+                    base = rel.copy() if in_place and i != last else rel
+                    out[q][rows] += _power(base, q).sum(1, dtype=np.float64)
         return out
+
+
+#: Bank rows per block of Relation's pruned sum, and query rows per chunk.
+_RELATION_BLOCK = 256
+_RELATION_QUERY_ROWS = 2048
 
 
 def _distances_to(f: np.ndarray, point: np.ndarray, block: int = 1024) -> np.ndarray:

@@ -8,13 +8,12 @@ persist as plain arrays; distances are squared Euclidean from float64 GEMMs in r
 
 from __future__ import annotations
 
-import hashlib
 import math
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._numeric import l2_normalize, log_softmax, remember
+from .._numeric import array_key, l2_normalize, log_softmax, remember
 from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int
@@ -44,11 +43,6 @@ def _sq_dists(a: np.ndarray, b: np.ndarray, b_sq: np.ndarray) -> np.ndarray:
     a = np.asarray(a, dtype=np.float64)
     d = np.einsum("ij,ij->i", a, a)[:, None] - 2.0 * (a @ b.T) + b_sq[None, :]
     return np.maximum(d, 0.0)
-
-
-def _kth_smallest(d: np.ndarray, k: int) -> np.ndarray:
-    k = min(k, d.shape[1])
-    return np.partition(d, k - 1, axis=1)[:, k - 1]
 
 
 def _class_means(features: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -82,6 +76,8 @@ class GROOD(Detector):
     fit_fields = frozenset({"features", "logits", "labels"})
     search_space: ClassVar[dict[str, list[Any]]] = {"k": [1, 10, 20, 50, 100], "ood_prototype": ["mixup", "mean"]}
     score_params = frozenset({"k"})
+    transient_state = frozenset({"_knn_cache_", "_planned_ks_"})
+    _CACHE_ENTRIES = 4
     reference = (
         "ElAraby et al., GROOD: Gradient-Aware Out-of-Distribution Detection, TMLR 2025 "
         "(arXiv:2312.14427)"
@@ -139,15 +135,41 @@ class GROOD(Detector):
         grads = self.gradients(h[correct])
         self.train_gradients_ = grads
         self.train_gradients_sq_ = np.einsum("ij,ij->i", grads, grads)
+        # shared by shallow copies (the tuner's score-time candidates); emptied by a refit
+        self._knn_cache_: dict[Any, dict[int, np.ndarray]] = {}
+        self._planned_ks_: list[int] = []
+
+    def plan_score_params(self, values: dict[str, list[Any]]) -> None:
+        """Announce the ``k`` values about to be scored (the tuner calls this): the first
+        score of a query set then finds the k-th nearest distance for all of them in one
+        search."""
+        self._planned_ks_[:] = [int(k) for k in values.get("k", ())
+                                if isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1]
 
     def _score(self, x: Features) -> np.ndarray:
+        """Minus the distance to the k-th nearest stored gradient. Computed for every planned
+        ``k`` in one search and kept for the last few query sets (keyed by their bytes), so
+        tuning over ``k`` costs one search per validation split."""
         check_int(self, "k", self.k)
-        out = np.empty(len(x))
-        for rows in _blocks(len(x), len(self.train_gradients_)):
-            g = self.gradients(x.features[rows])
-            d = _sq_dists(g, self.train_gradients_, self.train_gradients_sq_)
-            out[rows] = -np.sqrt(_kth_smallest(d, int(self.k)))
-        return out
+        k = int(self.k)
+        feats = np.ascontiguousarray(x.features)
+        key = array_key(feats)
+        cache = self.__dict__.get("_knn_cache_")
+        if cache is not None and key in cache and k in cache[key]:
+            return cache[key][k].copy()
+        ks = list(dict.fromkeys([k, *getattr(self, "_planned_ks_", ())]))
+        out = {kk: np.empty(len(feats)) for kk in ks}
+        n_ref = len(self.train_gradients_)
+        # np.partition's k-th values do not depend on the other kth positions asked for
+        kth = sorted({min(kk, n_ref) - 1 for kk in ks})
+        for rows in _blocks(len(feats), n_ref):
+            g = self.gradients(feats[rows])
+            d = np.partition(_sq_dists(g, self.train_gradients_, self.train_gradients_sq_), kth, axis=1)
+            for kk in ks:
+                out[kk][rows] = -np.sqrt(d[:, min(kk, n_ref) - 1])
+        if cache is not None:
+            remember(cache, key, out, self._CACHE_ENTRIES)
+        return out[k].copy()
 
 
 def cfof_grid() -> np.ndarray:
@@ -195,12 +217,28 @@ class CFOOD(Detector):
         if self.max_reference is not None:
             check_int(self, "max_reference", self.max_reference)
 
+    @staticmethod
+    def _reference_size(fraction: float, max_reference: int | None, n_all: int) -> int:
+        n = max(2, int(float(fraction) * n_all))
+        if max_reference is not None:
+            n = min(n, int(max_reference))
+        return min(n, n_all)
+
+    def equivalent_fit_params(self, params: dict[str, Any], n_train: int | None) -> dict[str, Any]:
+        """Reference fractions that select the same number of rows (e.g. 0.5 and 1.0 of
+        55,000 rows, both capped at ``max_reference``) fit the same reference set."""
+        if n_train is None or "reference_fraction" not in params:
+            return params
+        try:
+            n = self._reference_size(params["reference_fraction"],
+                                     params.get("max_reference", self.max_reference), n_train)
+        except (TypeError, ValueError):
+            return params
+        return {**params, "reference_fraction": f"{n} reference rows"}
+
     def _fit(self, train: Features) -> None:
         n_all = len(train)
-        n = max(2, int(float(self.reference_fraction) * n_all))
-        if self.max_reference is not None:
-            n = min(n, int(self.max_reference))
-        n = min(n, n_all)
+        n = self._reference_size(self.reference_fraction, self.max_reference, n_all)
         rows = np.sort(np.random.default_rng(self.random_state).permutation(n_all)[:n])
         ref = l2_normalize(np.asarray(train.features[rows], dtype=np.float64), axis=1)
         grid = cfof_grid()
@@ -241,7 +279,7 @@ class CFOOD(Detector):
         check_fraction(self, "rho", self.rho)
         need = self._need(self.rho)
         feats = np.ascontiguousarray(x.features)
-        key = (feats.shape, str(feats.dtype), hashlib.blake2b(feats.data, digest_size=16).hexdigest())
+        key = array_key(feats)
         cache = self.__dict__.get("_cfof_cache_")
         if cache is not None and key in cache and need in cache[key]:
             return cache[key][need].copy()
@@ -258,13 +296,19 @@ class CFOOD(Detector):
         for rows in _blocks(len(feats), n):
             q = l2_normalize(np.asarray(feats[rows], dtype=np.float64), axis=1)
             d = np.ascontiguousarray(_sq_dists(q, self.reference_, self.reference_sq_).T)  # (n, rows)
+            r = d.shape[1]
             # first grid index whose neighbour distance reaches d (k = never): each
             # reference point's row of the table is ascending, so a binary search per row
             first_all = np.empty(d.shape, dtype=np.int32)
             for j in range(n):
                 first_all[j] = np.searchsorted(table[j], d[j], side="left")
+            # per query, how many references have each first index; the need-th smallest
+            # first index is the smallest g whose cumulative count reaches need
+            first_all += (np.arange(r, dtype=np.int32) * (k + 1))[None, :]
+            counts = np.bincount(first_all.ravel(), minlength=r * (k + 1)).reshape(r, k + 1)
+            cumulative = np.cumsum(counts, axis=1)
             for need in needs:
-                first = np.partition(first_all, need - 1, axis=0)[need - 1]
+                first = np.count_nonzero(cumulative < need, axis=1)
                 out[need][rows] = np.where(first < k, self.grid_[np.minimum(first, k - 1)], 1.0)
         return out
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from .._numeric import logsumexp
+from .._numeric import array_key, logsumexp, remember
 from .._params import store_params
 from ..features import Features
 from ._stats import iter_chunks
@@ -167,6 +167,11 @@ class SDM(Detector):
     requires = frozenset({"logits", "features"})
     fit_fields = frozenset({"logits", "features", "labels"})
     search_space = {"alpha": [0.9, 0.95, 0.99], "calibration_fraction": [0.3, 0.5]}
+    # alpha only sets the DKW widening at score time and the admit thresholds, which are
+    # recomputed from the stored calibration outputs: candidates share the fit
+    score_params = frozenset({"alpha"})
+    transient_state = frozenset({"_threshold_cache_", "_similarity_cache_"})
+    _CACHE_ENTRIES = 4
     reference = (
         "Schmaltz, Similarity-Distance-Magnitude Universal Verification, arXiv 2502.20167 "
         "(2025); code ReexpressAI/sdm"
@@ -233,8 +238,14 @@ class SDM(Detector):
         self.rescaler_ = self._train_rescaler(v, soft, y)
         self.qbin_cdf_, self.qbin_offsets_ = _grouped(soft, y, c)
         p_hat = sdm_activation(v @ self.rescaler_.T, soft)
-        ood = (np.floor(soft) <= 0) | (p_hat.argmax(axis=1) != pred)
-        self.thresholds_, self.min_qbin_, self.threshold_found_ = self._thresholds(p_hat, soft, y, ood)
+        # what the admit thresholds of any alpha are computed from (see `_admit_rule`)
+        self.calibration_p_true_ = p_hat[np.arange(len(y)), y]
+        self.calibration_qbin_ = soft
+        self.calibration_labels_ = np.asarray(y, dtype=np.int64)
+        self.calibration_ood_ = (np.floor(soft) <= 0) | (p_hat.argmax(axis=1) != pred)
+        # shared by shallow copies (the tuner's alpha candidates); emptied by a refit
+        self._threshold_cache_: dict[float, tuple[np.ndarray, float, bool]] = {}
+        self._similarity_cache_: dict[Any, tuple[np.ndarray, np.ndarray]] = {}
 
     def _calibration_arrays(self, cal, train: Features) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from ..features import as_features
@@ -306,15 +317,39 @@ class SDM(Detector):
                        options={"maxiter": int(self.rescaler_iters)})
         return res.x.reshape(c, c)
 
-    def _thresholds(self, p_hat, soft, y, ood) -> tuple[np.ndarray, float, bool]:
+    @property
+    def thresholds_(self) -> np.ndarray:
+        """Per-class thresholds on ``p̂_lower`` of the admit decision (for ``alpha``)."""
+        return self._admit_rule()[0]
+
+    @property
+    def min_qbin_(self) -> float:
+        """The lowest q̃ bin admitted (inf when no bin reaches ``alpha``)."""
+        return self._admit_rule()[1]
+
+    @property
+    def threshold_found_(self) -> bool:
+        """Whether some q̃ bin reaches ``alpha`` for every class (else nothing is admitted)."""
+        return self._admit_rule()[2]
+
+    def _admit_rule(self) -> tuple[np.ndarray, float, bool]:
+        if "calibration_p_true_" not in self.__dict__:
+            raise AttributeError("SDM is not fitted: the admit thresholds come from fit's calibration.")
+        cache = self.__dict__.setdefault("_threshold_cache_", {})
+        alpha = float(self.alpha)
+        if alpha not in cache:
+            remember(cache, alpha, self._thresholds(alpha), self._CACHE_ENTRIES)
+        return cache[alpha]
+
+    def _thresholds(self, alpha: float) -> tuple[np.ndarray, float, bool]:
         """The paper's Alg. 3: the lowest q̃ bin at which every class's ``1 − α`` quantile of
         ``p̂`` on the true class (non-OOD calibration points with q̃ >= bin) reaches α."""
-        c, alpha = self.num_classes_, float(self.alpha)
-        ok = ~ood
+        c = self.num_classes_
+        soft, y, true_p = self.calibration_qbin_, self.calibration_labels_, self.calibration_p_true_
+        ok = ~self.calibration_ood_
         bins = np.unique(soft[ok])
         if bins.size > self.max_bins:
             bins = np.unique(np.quantile(soft[ok], np.linspace(0, 1, self.max_bins), method="lower"))
-        true_p = p_hat[np.arange(len(y)), y]
         for b in bins:
             sel = ok & (soft >= b)
             thr = np.zeros(c)
@@ -337,7 +372,7 @@ class SDM(Detector):
         z = np.asarray(x.logits, dtype=np.float64)
         n, rows = len(z), np.arange(len(z))
         pred = z.argmax(axis=1)
-        q, d0 = self._similarity(np.asarray(x.features, dtype=np.float64), pred)
+        q, d0 = self._query_similarity(x.features, pred)
         d = self._distance_quantile(d0, pred)
         sdm = sdm_activation(z, q, d)
         sdm_pred = sdm.argmax(axis=1)
@@ -362,6 +397,20 @@ class SDM(Detector):
             admitted = ~is_ood & (soft_low >= self.min_qbin_) & singleton
         return SDMOutput(prediction=pred, q=q, d0=d0, d=d, sdm=sdm, soft_qbin=soft_low,
                          calibrated=p_hat, lower=p_low, is_ood=is_ood, admitted=admitted)
+
+    def _query_similarity(self, features: np.ndarray, pred: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``(q, d_0)`` of query rows; kept for the last few query sets (keyed by their
+        bytes), so the tuner's alpha candidates search the support set once per split."""
+        feats = np.ascontiguousarray(features)
+        key = array_key(feats, pred)
+        cache = self.__dict__.get("_similarity_cache_")
+        if cache is not None and key in cache:
+            q, d0 = cache[key]
+            return q.copy(), d0.copy()
+        q, d0 = self._similarity(np.asarray(feats, dtype=np.float64), pred)
+        if cache is not None:
+            remember(cache, key, (q.copy(), d0.copy()), self._CACHE_ENTRIES)
+        return q, d0
 
     def _dkw_errors(self, soft: np.ndarray, n: int) -> np.ndarray:
         """``ε_c = sqrt(ln(2/(1−α)) / (2 n_c))`` with ``n_c`` the class-c calibration points
