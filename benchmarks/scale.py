@@ -148,9 +148,10 @@ def run_child(job: dict, train_dir: Path, test_dir: Path) -> dict:
         is_id = test.labels >= 0
         if job.get("recall_sample"):
             # recall@k on test queries against exact search over the bank, ID and OOD apart
+            # (the features only: test[mask] would copy the logits too)
             half = job["recall_sample"] // 2
-            result["recall_id"] = det.recall_at_k(test[is_id], train, sample=half)
-            result["recall_ood"] = det.recall_at_k(test[~is_id], train, sample=half)
+            result["recall_id"] = det.recall_at_k(test.features[is_id], train, sample=half)
+            result["recall_ood"] = det.recall_at_k(test.features[~is_id], train, sample=half)
             result["recall_s"] = time.perf_counter() - t2
     result["auroc"] = ood.metrics.auroc(scores[is_id], scores[~is_id])
     st = mon.status()

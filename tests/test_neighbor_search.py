@@ -210,3 +210,36 @@ def test_release_rows_drops_pages_and_keeps_the_data(tmp_path):
     np.testing.assert_array_equal(mm[:100], data[:100])
     np.testing.assert_array_equal(np.asarray(mm), data)
     _neighbors.release_rows(data, slice(0, 10))  # not a memmap: nothing happens
+
+
+@pytest.mark.parametrize(
+    "detector,params",
+    [("knn", {"index": "exact"}), ("knn", {"index": "exact", "backend": "numpy"}),
+     ("knn", {"index": "ivf", "nlist": 64}), ("knn", {"index": "hnsw"}),
+     ("nnguide", {"index": "ivf", "nlist": 64})],
+)
+@pytest.mark.parametrize("n_test", [8300, 8222])
+def test_scoring_in_query_chunks_equals_unchunked(monkeypatch, detector, params, n_test):
+    """Scores are searched SEARCH_CHUNK_ROWS queries at a time (a short tail joins the
+    chunk before it): the same bits as one search over all queries, and cached alike."""
+    # chunks are whole multiples of the exact searches' 4,096-query blocks: 8,300 queries
+    # are searched in three chunks, 8,222 in two (the 30-row tail joins the second)
+    train, test = _clustered(n=2000, n_test=n_test)
+    det = ood.create(detector, k=10, **params).fit(train)
+    whole = det.score(test)
+    det.index_.__dict__.pop("_cache", None)
+    monkeypatch.setattr(distance, "SEARCH_CHUNK_ROWS", 64)
+    chunks = det.index_._query_chunks(len(test))
+    if det.index_.kind == "flat" and det.index_.index is not None:  # faiss exact: whole
+        assert chunks == [slice(0, len(test))]
+        return
+    assert len(chunks) == (3 if n_test == 8300 else 2) and chunks[-1].stop == len(test)
+    assert all(sl.stop - sl.start >= distance._MIN_TAIL_ROWS for sl in chunks)
+    searched = []
+    block = det.index_._search_block
+    monkeypatch.setattr(det.index_, "_search_block",
+                        lambda q, k, *a: searched.append(len(q)) or block(q, k, *a))
+    np.testing.assert_array_equal(det.score(test), whole)
+    assert max(searched) < len(test) and sum(searched) == len(test)
+    det.score(test)  # cached: no second search
+    assert sum(searched) == len(test)

@@ -68,6 +68,7 @@ def l2_normalize(x: np.ndarray, axis: int = -1, dtype: type | None = None) -> np
     features normalised in float64, then stored as float32).
     """
     x = np.asarray(x)
+    given = x
     if x.dtype not in _SAFE_NORM:
         x = x.astype(np.float32 if x.dtype == np.float16 else np.float64)
     lo, hi = _SAFE_NORM[x.dtype]
@@ -81,7 +82,9 @@ def l2_normalize(x: np.ndarray, axis: int = -1, dtype: type | None = None) -> np
         with np.errstate(over="ignore", under="ignore"):
             norm = np.where(extreme, np.linalg.norm(x, axis=axis, keepdims=True), norm)
         norm = np.where(norm > 0, norm, 1.0).astype(x.dtype)  # all-zero rows
-    out = x / norm
+    # divide in place when x is already a private copy (a float16 chunk of a memory-mapped
+    # bank): one chunk-sized buffer fewer, the same values
+    out = np.divide(x, norm, out=x) if x is not given else x / norm
     return out if dtype is None else out.astype(dtype, copy=False)
 
 

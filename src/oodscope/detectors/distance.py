@@ -730,21 +730,90 @@ class _InnerProductIndex:
         thus costs one search per validation split.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
+        key = ("queries", queries.shape, _digest([queries]))
+        return self._cached(key, k, lambda: self._search_block(queries, k, chunk_size))
+
+    def search_rows(
+        self, features: np.ndarray, rows: Callable[[slice], np.ndarray], k: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`search` for the queries ``rows(slice)`` built from ``features`` a chunk at a
+        time (`SEARCH_CHUNK_ROWS`), so no full float32 copy of a large query set is held;
+        cached like `search`, keyed by the bytes of ``features``.
+
+        Each query's result is the one an unchunked search gives, bit for bit: the chunks
+        are whole multiples of the query blocks of numpy's exact search and of faiss's
+        coarse (IVF) search, and a short tail joins the chunk before it. faiss's exact
+        (flat) search is not chunked: its round-off depends on the number of queries.
+        """
+        n = len(features)
+        key = ("rows", features.shape, str(features.dtype), _digest_rows(features))
+
+        def run() -> tuple[np.ndarray, np.ndarray]:
+            parts = [self._search_block(rows(sl), k) for sl in self._query_chunks(n)]
+            return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+
+        return self._cached(key, k, run)
+
+    def _query_chunks(self, n: int) -> list[slice]:
+        # whole multiples of the query blocks of the exact searches (faiss's flat search and
+        # IVF's coarse search, or topk_inner_products), whose GEMMs then see the same rows
+        if self.index is None:
+            block = max(1, min(4096, (1 << 25) // max(self.size, 1)))
+        elif self.kind == "flat":
+            # faiss's exact search rounds differently for other query counts (~1e-7 of the
+            # inner products, measured): searched whole, its float32 bank dwarfs the queries
+            return [slice(0, n)]
+        else:
+            block = int(_import_faiss().cvar.distance_compute_blas_query_bs)
+        step = block * max(1, -(-SEARCH_CHUNK_ROWS // block))
+        chunks = list(iter_chunks(n, step))
+        if len(chunks) > 1 and chunks[-1].stop - chunks[-1].start < _MIN_TAIL_ROWS:
+            chunks[-2:] = [slice(chunks[-2].start, n)]
+        return chunks
+
+    def _search_block(self, queries: np.ndarray, k: int, chunk_size: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        if self.index is not None:
+            return self._faiss_search(queries, k)
+        return topk_inner_products(self.bank, queries, k, chunk_size)
+
+    def _cached(self, key: tuple, k: int, run: Callable[[], tuple[np.ndarray, np.ndarray]]
+                ) -> tuple[np.ndarray, np.ndarray]:
         cache = self.__dict__.setdefault("_cache", {})
-        key = (queries.shape, self.knob,
-               hashlib.blake2b(queries.data, digest_size=16).hexdigest())
+        key = (*key, self.knob)
         hit = cache.get(key)
         if hit is not None and hit[0].shape[1] >= k:
             return hit[0][:, :k], hit[1][:, :k]
-        if self.index is not None:
-            vals, ids = self._faiss_search(queries, k)
-        else:
-            vals, ids = topk_inner_products(self.bank, queries, k, chunk_size)
+        vals, ids = run()
         cache.pop(key, None)
         cache[key] = (vals, ids)
         while len(cache) > self._CACHE_ENTRIES:
             cache.pop(next(iter(cache)))
         return vals, ids
+
+
+#: Queries searched at once when scoring (`_InnerProductIndex.search_rows`): 16,384 x 2048
+#: float32 = 128 MiB, instead of a float32 copy of the whole test set (400 MB for 50,000).
+SEARCH_CHUNK_ROWS = 16_384
+#: A last query chunk shorter than this joins the one before it (see `search_rows`).
+_MIN_TAIL_ROWS = 64
+
+
+def _digest(arrays: list[np.ndarray]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for a in arrays:
+        h.update(np.ascontiguousarray(a).data)
+    return h.hexdigest()
+
+
+def _digest_rows(features: np.ndarray) -> str:
+    """`_digest` of a (possibly memory-mapped) array read chunk by chunk, pages released."""
+    h = hashlib.blake2b(digest_size=16)
+    for sl in iter_chunks(len(features)):
+        h.update(np.ascontiguousarray(features[sl]).data)
+        release_rows(features, sl)
+    return h.hexdigest()
 
 
 def _streamed_rows(features: np.ndarray, transform: Callable[[np.ndarray, Any], np.ndarray]
@@ -757,6 +826,10 @@ def _streamed_rows(features: np.ndarray, transform: Callable[[np.ndarray, Any], 
         out = transform(features[idx], idx)
         if isinstance(idx, slice):
             release_rows(features, idx)
+        elif np.asarray(idx).dtype.kind in "iu" and len(idx):
+            # scattered rows (a training sample, the probe): the kernel maps the pages
+            # around each one too (fault-around), so release their whole span
+            release_rows(features, slice(int(np.min(idx)), int(np.max(idx)) + 1))
         return out
 
     return rows
@@ -896,6 +969,11 @@ class _NeighborBank(Detector):
         self.index_.ensure_recall(k)
         return self.index_.search(queries, k)
 
+    def _search_features(self, features: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """`_search` for the L2-normalised ``features``, normalised and searched in chunks."""
+        self.index_.ensure_recall(k)
+        return self.index_.search_rows(features, _normalized_rows(features), k)
+
     def plan_score_params(self, values: dict[str, list[Any]]) -> None:
         """Calibrate the approximate index for the largest k about to be scored."""
         ks = [k for k in values.get("k", ()) if isinstance(k, (int, np.integer))]
@@ -992,8 +1070,7 @@ class KNN(_NeighborBank):
         self._build_index(_normalized_rows(feats), len(feats), feats.shape[1])
 
     def _score(self, x: Features) -> np.ndarray:
-        queries = _normalized32(x.features)
-        sims = self._search(queries, self.k)[0][:, self.k - 1].astype(np.float64)
+        sims = self._search_features(x.features, self.k)[0][:, self.k - 1].astype(np.float64)
         sims = np.where(np.isfinite(sims), sims, -1.0)  # no k-th neighbour found: farthest
         return -np.sqrt(np.clip(2.0 - 2.0 * sims, 0.0, 4.0))
 
@@ -1076,7 +1153,7 @@ class NNGuide(_NeighborBank):
 
     def _score(self, x: Features) -> np.ndarray:
         energy = logsumexp(x.logits, axis=1)
-        guidance = self._search(_normalized32(x.features), self.k)[0].astype(np.float64).mean(1)
+        guidance = self._search_features(x.features, self.k)[0].astype(np.float64).mean(1)
         return energy * guidance
 
 
