@@ -214,6 +214,23 @@ def test_grood_shares_one_search_across_planned_k_values():
     assert len(det._knn_cache_) == 1 and sorted(next(iter(det._knn_cache_.values()))) == [1, 10, 50]
 
 
+def test_tuned_grood_scores_test_sets_for_the_chosen_k_only():
+    from oodscope.bench.tuning import tune
+
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 300)
+    feats = rng.standard_normal((300, 6)) + 3.0 * np.eye(3, 6)[y]
+    train = Features(features=feats, logits=feats[:, :3], labels=y)
+    val_id = Features(features=feats[:40] + 0.1, logits=feats[:40, :3])
+    far = rng.standard_normal((40, 6)) * 3.0
+    val_ood = Features(features=far, logits=far[:, :3])
+    result = tune(ood.create("grood"), train, val_id, val_ood, {"k": [1, 5, 20]})
+    assert result.n_fits == 1
+    det = result.detector
+    det.score(Features(features=far[:7], logits=far[:7, :3]))
+    assert list(det._knn_cache_.values())[-1].keys() == {det.k}  # no work for the other k
+
+
 # ------------------------------------------------------------------ WEBO
 def test_webo_by_hand():
     logits = np.array([[0.0, np.log(2.0), 5.0]])

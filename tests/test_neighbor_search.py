@@ -212,6 +212,26 @@ def test_release_rows_drops_pages_and_keeps_the_data(tmp_path):
     _neighbors.release_rows(data, slice(0, 10))  # not a memmap: nothing happens
 
 
+def test_scattered_reads_of_a_memmap_come_back_in_order_batch_by_batch(tmp_path, monkeypatch):
+    """A training sample read from a memory-mapped bank: rows in the requested (unsorted)
+    order, equal to a plain fancy-indexed read, and the pages released after every batch
+    (a large sample read at once would make most of the file resident)."""
+    from oodscope.detectors import distance
+
+    data = np.random.default_rng(0).standard_normal((5000, 16)).astype(np.float16)
+    np.save(tmp_path / "a.npy", data)
+    mm = Features(features=np.load(tmp_path / "a.npy", mmap_mode="r")).features
+    released = []
+    real = distance.release_rows
+    monkeypatch.setattr(distance, "release_rows", lambda a, sl: released.append(sl) or real(a, sl))
+    monkeypatch.setattr(distance, "_SCATTERED_BATCH", 300)
+    idx = np.random.default_rng(1).choice(5000, 1000, replace=False)  # not sorted
+    got = distance._normalized_rows(mm)(idx)
+    np.testing.assert_array_equal(got, distance._unit32(data[idx]))
+    assert len(released) == 4  # ceil(1000 / 300) batches, each releasing its span
+    assert all(sl.start <= sl.stop for sl in released)
+
+
 @pytest.mark.parametrize(
     "detector,params",
     [("knn", {"index": "exact"}), ("knn", {"index": "exact", "backend": "numpy"}),

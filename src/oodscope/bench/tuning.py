@@ -189,6 +189,9 @@ def tune(
         assert first_error is not None
         raise first_error
     assert best_det is not None and best_row is not None
+    if score_only:
+        # tuning is over: the test sets are scored with the chosen values only
+        best_det.plan_score_params({n: [] for n in score_only})
     for r in rows:
         r["chosen"] = r is best_row
         r.pop("is_default", None)

@@ -793,9 +793,9 @@ class _InnerProductIndex:
         return vals, ids
 
 
-#: Queries searched at once when scoring (`_InnerProductIndex.search_rows`): 16,384 x 2048
-#: float32 = 128 MiB, instead of a float32 copy of the whole test set (400 MB for 50,000).
-SEARCH_CHUNK_ROWS = 16_384
+#: Queries searched at once when scoring (`_InnerProductIndex.search_rows`): 8,192 x 2048
+#: float32 = 64 MiB, instead of a float32 copy of the whole test set (400 MB for 50,000).
+SEARCH_CHUNK_ROWS = 8192
 #: A last query chunk shorter than this joins the one before it (see `search_rows`).
 _MIN_TAIL_ROWS = 64
 
@@ -823,16 +823,32 @@ def _streamed_rows(features: np.ndarray, transform: Callable[[np.ndarray, Any], 
     does not keep the file resident in this process."""
 
     def rows(idx: Any) -> np.ndarray:
-        out = transform(features[idx], idx)
         if isinstance(idx, slice):
+            out = transform(features[idx], idx)
             release_rows(features, idx)
-        elif np.asarray(idx).dtype.kind in "iu" and len(idx):
-            # scattered rows (a training sample, the probe): the kernel maps the pages
-            # around each one too (fault-around), so release their whole span
-            release_rows(features, slice(int(np.min(idx)), int(np.max(idx)) + 1))
+            return out
+        idx = np.asarray(idx)
+        if idx.dtype.kind not in "iu" or len(idx) == 0:
+            return transform(features[idx], idx)
+        # scattered rows (a training sample, the probe): the kernel maps the pages around
+        # each one too (fault-around), so a large sample read at once would make most of the
+        # file resident; read it in row order, a batch at a time, releasing each batch's span
+        order = np.argsort(idx, kind="stable")
+        out = None
+        for part in np.array_split(order, -(-len(order) // _SCATTERED_BATCH)):
+            sub = idx[part]
+            block = transform(features[sub], sub)
+            if out is None:
+                out = np.empty((len(idx), *block.shape[1:]), dtype=block.dtype)
+            out[part] = block
+            release_rows(features, slice(int(sub[0]), int(sub[-1]) + 1))
         return out
 
     return rows
+
+
+#: Rows of a scattered read (`_streamed_rows`) gathered between two page releases.
+_SCATTERED_BATCH = 8192
 
 
 def _normalized_rows(features: np.ndarray) -> Callable[[Any], np.ndarray]:
