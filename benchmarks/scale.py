@@ -143,7 +143,11 @@ def run_child(job: dict, train_dir: Path, test_dir: Path) -> dict:
         t1 = time.perf_counter()
         scores = det.score(test)
         t2 = time.perf_counter()
-        result = {"fit_s": t1 - t0, "score_s": t2 - t1}
+        # the detector's own peak (fit + score), before the benchmark's recall check adds
+        # its exact search over the bank
+        result = {"fit_s": t1 - t0, "score_s": t2 - t1,
+                  "peak_rss_fit_score_gb": mon.status()["VmHWM"] * 1024 / GB,
+                  "peak_anon_fit_score_gb": max(mon.peak_anon_kb, mon.status().get("RssAnon", 0)) * 1024 / GB}
         result["fit_summary"] = det.fit_summary()
         is_id = test.labels >= 0
         if job.get("recall_sample"):
@@ -233,7 +237,7 @@ def main(argv=None) -> int:
               f"fit {r['fit_s']:.1f}s score {r['score_s']:.1f}s peak RSS {r['peak_rss_gb']:.2f} GB "
               f"(anon {r['peak_anon_gb']:.2f} GB)"), flush=True)
 
-    head = (f"{'detector':<34} {'fit s':>8} {'score s':>8} {'wall s':>7} {'peak RSS GB':>11} "
+    head = (f"{'detector':<34} {'fit s':>8} {'score s':>8} {'wall s':>7} {'fit+score RSS':>13} {'peak RSS GB':>11} "
             f"{'anon GB':>8} {'<= ' + format(args.limit_gb, 'g') + ' GB':>8} {'AUROC':>6} "
             f"{'recall probe/ID/OOD':>20}  search")
     print("\n" + head + "\n" + "-" * len(head))
@@ -241,19 +245,22 @@ def main(argv=None) -> int:
         if "error" in r:
             print(f"{r['label']:<34} failed: {r['error']}")
             continue
-        ok = "yes" if r["peak_rss_gb"] <= args.limit_gb else ("anon" if r["peak_anon_gb"] <= args.limit_gb else "NO")
+        own = r.get("peak_rss_fit_score_gb", r["peak_rss_gb"])
+        own_anon = r.get("peak_anon_fit_score_gb", r["peak_anon_gb"])
+        ok = "yes" if own <= args.limit_gb else ("anon" if own_anon <= args.limit_gb else "NO")
         summary = dict(r.get("fit_summary", {}))
         probe = next((v for k, v in summary.items() if k.startswith("recall@")), None)
         recall = "/".join("-" if v is None else f"{v:.3f}"
                           for v in (probe, r.get("recall_id"), r.get("recall_ood")))
         search = ", ".join(f"{k}={v}" for k, v in summary.items() if not k.startswith("recall@"))
         print(f"{r['label']:<34} {r['fit_s']:>8.1f} {r['score_s']:>8.1f} {r['wall_s']:>7.0f} "
-              f"{r['peak_rss_gb']:>11.2f} {r['peak_anon_gb']:>8.2f} {ok:>8} {r['auroc']:>6.3f} "
+              f"{own:>13.2f} {r['peak_rss_gb']:>11.2f} {r['peak_anon_gb']:>8.2f} {ok:>8} {r['auroc']:>6.3f} "
               f"{recall if 'recall_id' in r else '':>20}  {search}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2, default=str))
-    print("\nwall s = the child process (start-up, loading, fit, score, recall check). peak RSS = "
-          "VmHWM (includes resident pages of the memory-mapped bank; streaming fits release them "
+    print("\nwall s = the child process (start-up, loading, fit, score, recall check). fit+score RSS = "
+          "VmHWM right after scoring (what the detector needs; '<= limit' judges it); peak RSS = "
+          "VmHWM at the end, after the recall check's exact search over the bank (includes resident pages of the memory-mapped bank; streaming fits release them "
           "chunk by chunk); anon = peak RssAnon (memory the detector allocates). '<= limit': yes "
           "= total within limit, anon = only the anonymous part is, NO = neither. recall = "
           "recall@k measured at fit on held-out bank rows / on ID and OOD test queries against "
