@@ -9,13 +9,12 @@ the input of the classifier head (a forward pre-hook), so any network with a fin
 
 from __future__ import annotations
 
-import hashlib
 import numbers
 from typing import Any, ClassVar
 
 import numpy as np
 
-from .._numeric import logsumexp
+from .._numeric import array_key, logsumexp
 from .._params import store_params
 from ..features import Features
 from ._checks import check_fraction, check_int, check_real, refuse_unresolved_scores
@@ -150,8 +149,7 @@ class _AdaSCALE(Detector):
     def _cached(self, inputs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`features_and_shift` of the last few query sets (percentile candidates share them)."""
         cache = self.__dict__.get("_shift_cache_")
-        a = np.ascontiguousarray(inputs)
-        key = (a.shape, a.dtype.str, hashlib.blake2b(a.data, digest_size=16).hexdigest())
+        key = array_key(inputs)
         if cache is not None and key in cache:
             return cache[key]
         value = self.features_and_shift(inputs)

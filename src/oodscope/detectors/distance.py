@@ -730,7 +730,7 @@ class _InnerProductIndex:
         thus costs one search per validation split.
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        key = ("queries", queries.shape, _digest([queries]))
+        key = ("queries", array_key(queries))
         return self._cached(key, k, lambda: self._search_block(queries, k, chunk_size))
 
     def search_rows(
@@ -800,15 +800,9 @@ SEARCH_CHUNK_ROWS = 8192
 _MIN_TAIL_ROWS = 64
 
 
-def _digest(arrays: list[np.ndarray]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for a in arrays:
-        h.update(np.ascontiguousarray(a).data)
-    return h.hexdigest()
-
-
 def _digest_rows(features: np.ndarray) -> str:
-    """`_digest` of a (possibly memory-mapped) array read chunk by chunk, pages released."""
+    """A digest of a (possibly memory-mapped) array's bytes, read chunk by chunk with the
+    pages released (`array_key` would read the whole array at once)."""
     h = hashlib.blake2b(digest_size=16)
     for sl in iter_chunks(len(features)):
         h.update(np.ascontiguousarray(features[sl]).data)
@@ -1425,7 +1419,7 @@ class Relation(Detector):
         "Kim et al., Neural Relation Graph: A Unified Framework for Identifying Label "
         "Noise and Outlier Data, NeurIPS 2023"
     )
-    transient_state = frozenset({"_score_cache_", "_planned_pows_"})
+    transient_state = frozenset({"_score_cache_", "_planned_pows_", "_blocks_"})
     _CACHE_ENTRIES = 4
 
     def __init__(
@@ -1449,26 +1443,13 @@ class Relation(Detector):
         sub = train if idx is None else train[idx]
         feats = _normalized32(sub.features)
         probs = map_chunks(lambda sl: softmax(sub.logits[sl], axis=1), len(sub)).astype(np.float32)
-        # Bank rows grouped by predicted class, most confident first, in blocks: a block
-        # whose rows put little probability off their class c cannot relate to a query that
-        # puts little on c (see _relation_sums). The sum over the bank does not depend on
-        # its order.
+        # Bank rows grouped by predicted class, most confident first, so that the blocks of
+        # _relation_sums hold rows of one class with little probability off it (the sum
+        # over the bank does not depend on its order).
         pred = probs.argmax(axis=1)
-        off_mass = probs.astype(np.float64).sum(axis=1) - probs[np.arange(len(probs)), pred]
-        order = np.lexsort((off_mass, pred))
+        order = np.lexsort((_off_class_mass(probs, pred), pred))
         self.bank_features_ = feats[order]
         self.bank_probs_ = probs[order]
-        starts, classes, bounds = [], [], []
-        for c in np.unique(pred):
-            rows = np.flatnonzero(pred[order] == c)
-            for start in range(rows[0], rows[-1] + 1, _RELATION_BLOCK):
-                stop = min(start + _RELATION_BLOCK, rows[-1] + 1)
-                starts.append(start)
-                classes.append(c)
-                bounds.append(off_mass[order[start:stop]].max())
-        self.block_starts_ = np.asarray(starts + [len(order)], dtype=np.int64)
-        self.block_classes_ = np.asarray(classes, dtype=np.int64)
-        self.block_off_mass_ = np.asarray(bounds, dtype=np.float64)
         # Shared by shallow copies (the tuner's score-time candidates); emptied by a refit.
         self._score_cache_: dict[Any, dict[float, np.ndarray]] = {}
         self._planned_pows_: list[float] = []
@@ -1507,8 +1488,9 @@ class Relation(Detector):
         anyway. A confident network thus scores each query against little more than the
         bank rows of its own class."""
         out = {p: np.zeros(len(x)) for p in pows}
-        starts = self.block_starts_
-        classes, off_mass = self.block_classes_, self.block_off_mass_
+        if "_blocks_" not in self.__dict__:
+            self._blocks_ = _class_blocks(self.bank_probs_)
+        starts, classes, off_mass = self._blocks_
         threshold = float(self.threshold)
         last = len(pows) - 1
         for sl in iter_chunks(len(x), _RELATION_QUERY_ROWS):
@@ -1542,6 +1524,31 @@ class Relation(Detector):
 #: Bank rows per block of Relation's pruned sum, and query rows per chunk.
 _RELATION_BLOCK = 256
 _RELATION_QUERY_ROWS = 2048
+
+
+def _off_class_mass(probs: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Each row's probability off its predicted class, in float64."""
+    return probs.astype(np.float64).sum(axis=1) - probs[np.arange(len(probs)), pred]
+
+
+def _class_blocks(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(starts, classes, off_mass)`` of Relation's bank blocks: runs of rows with the same
+    predicted class, cut every `_RELATION_BLOCK` rows; ``starts`` ends with the bank size,
+    ``off_mass`` is each block's largest probability off its class. Any row order is
+    valid; the fit's order (by class, most confident first) makes the bounds tight."""
+    pred = probs.argmax(axis=1)
+    off = _off_class_mass(probs, pred)
+    starts = []
+    for run_start, run_stop in zip(*_runs(pred)):
+        starts.extend(range(run_start, run_stop, _RELATION_BLOCK))
+    starts = np.asarray(starts + [len(pred)], dtype=np.int64)
+    return starts, pred[starts[:-1]], np.maximum.reduceat(off, starts[:-1])
+
+
+def _runs(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Start and stop indices of the runs of equal consecutive values."""
+    change = np.flatnonzero(values[1:] != values[:-1]) + 1
+    return np.r_[0, change], np.r_[change, len(values)]
 
 
 def _distances_to(f: np.ndarray, point: np.ndarray, block: int = 1024) -> np.ndarray:

@@ -20,11 +20,11 @@ once.
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Sequence
 
 import numpy as np
 
+from .._numeric import array_key
 from .._params import store_params
 from ..features import Features
 from .base import Detector, create, register
@@ -257,9 +257,7 @@ class Ensemble(Detector):
                 if a is None:
                     parts.append(None)
                     continue
-                a = np.ascontiguousarray(a)
-                parts.append((name, a.shape, a.dtype.str,
-                              hashlib.blake2b(a.data, digest_size=16).hexdigest()))
+                parts.append((name, array_key(a)))
         return tuple(parts)
 
     def raw_member_scores(self, x: Features) -> np.ndarray:
